@@ -1,0 +1,756 @@
+//! The site configuration: one TOML file, parsed strictly and checked before anything is
+//! touched.
+//!
+//! Parsing is pure (no NSS, no kernel): what can be judged from the text alone is judged here,
+//! with the file, line and key of every mistake. What needs the machine (do the users exist, is
+//! the interface there, is the gateway on its subnet) is judged by the modules that own those
+//! facts, using the [`Location`]s kept here so their errors point at the same line.
+
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::ops::Deref;
+use std::path::{Path, PathBuf};
+
+use ipnet::Ipv4Net;
+use serde::Deserialize;
+use serde::de::{self, Deserializer};
+use toml::Spanned;
+
+/// Where `slurm-egress` and the plugin look when no path is given.
+pub const DEFAULT_PATH: &str = "/etc/slurm-egress/config.toml";
+
+/// Where the job ledger lives unless `[jobs] state_dir` says otherwise: on tmpfs, so it is
+/// empty after a reboot, exactly like the nftables sets it mirrors.
+pub const DEFAULT_STATE_DIR: &str = "/run/slurm-egress";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// TOML syntax, unknown keys and values of the wrong shape; toml's message already names
+    /// the line and column.
+    #[error("{path}: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("{path}:{at}: {key}: {message}")]
+    Invalid {
+        path: PathBuf,
+        at: Location,
+        key: &'static str,
+        message: String,
+    },
+}
+
+/// A position in the config file, 1-based, for error messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Location {
+    pub line: usize,
+    pub column: usize,
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.line, self.column)
+    }
+}
+
+/// A value together with where it was written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Located<T> {
+    pub value: T,
+    pub at: Location,
+}
+
+impl<T> Deref for Located<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.value
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this came from, for error messages downstream.
+    pub path: PathBuf,
+    pub routing: Routing,
+    pub select: Select,
+    pub jobs: Jobs,
+}
+
+#[derive(Debug, Clone)]
+pub struct Routing {
+    pub table: u32,
+    pub table_name: String,
+    pub mark: u32,
+    pub mask: u32,
+    pub priority: u32,
+    pub interface: Located<String>,
+    pub gateway: Located<Ipv4Addr>,
+    pub protocols: Protocols,
+    pub exceptions: Vec<Exception>,
+}
+
+/// Which packets of a selected socket take the egress path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Protocols {
+    All,
+    /// IP protocol numbers, sorted, without duplicates.
+    Only(Vec<Protocol>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Icmp,
+}
+
+impl Protocol {
+    /// The IP protocol number, as `meta l4proto` sees it.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Icmp => 1,
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+        }
+    }
+}
+
+/// A destination that selected processes still reach the normal way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exception {
+    pub to: Ipv4Net,
+    /// `None`: on-link through the routing interface.
+    pub via: Option<Ipv4Addr>,
+    pub at: Location,
+}
+
+/// A user or group as written: a name to resolve through NSS, or a numeric id.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum Principal {
+    Id(u32),
+    Name(String),
+}
+
+impl fmt::Display for Principal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Principal::Id(id) => write!(f, "{id}"),
+            Principal::Name(name) => f.write_str(name),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Select {
+    pub users: Vec<Located<Principal>>,
+    pub groups: Vec<Located<Principal>>,
+    pub accounts: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Jobs {
+    pub on_error: OnError,
+    pub state_dir: PathBuf,
+}
+
+/// What the plugin does when it cannot give a selected job its path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    /// Fail the prolog: Slurm drains the node and requeues the job, as for any failed prolog.
+    Drain,
+    /// Log and let the job run without egress.
+    Continue,
+}
+
+impl Config {
+    /// Reads and checks the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and checks `text`; `path` only names the file in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, Error> {
+        let raw: raw::File = toml::from_str(text).map_err(|e| Error::Syntax {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        let lines = LineIndex::new(text);
+        let invalid =
+            |span: std::ops::Range<usize>, key: &'static str, message: String| Error::Invalid {
+                path: path.to_owned(),
+                at: lines.locate(span.start),
+                key,
+                message,
+            };
+        let locate = |span: std::ops::Range<usize>| lines.locate(span.start);
+
+        let r = raw.routing;
+        let table = *r.table.get_ref();
+        if matches!(table, 0 | 253..=255) || table > i32::MAX as u32 {
+            return Err(invalid(
+                r.table.span(),
+                "routing.table",
+                format!(
+                    "{table} is reserved (0, 253 default, 254 main, 255 local); use 1-252 or 256 and up"
+                ),
+            ));
+        }
+        let name = r.table_name.get_ref();
+        if name.is_empty()
+            || name.len() > 64
+            || name.starts_with(|c: char| c.is_ascii_digit())
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+        {
+            return Err(invalid(
+                r.table_name.span(),
+                "routing.table_name",
+                format!(
+                    "{name:?} is not a usable routing table name (letters, digits, '_', '-', '.'; not starting with a digit)"
+                ),
+            ));
+        }
+        if matches!(
+            name.as_str(),
+            "main" | "local" | "default" | "unspec" | "all"
+        ) {
+            return Err(invalid(
+                r.table_name.span(),
+                "routing.table_name",
+                format!("{name:?} is one of iproute2's reserved table names"),
+            ));
+        }
+        let mask = *r.mask.get_ref();
+        let mark = *r.mark.get_ref();
+        if mask == 0 {
+            return Err(invalid(
+                r.mask.span(),
+                "routing.mask",
+                "must have at least one bit set".into(),
+            ));
+        }
+        if mark == 0 {
+            return Err(invalid(
+                r.mark.span(),
+                "routing.mark",
+                "must not be 0: unmarked packets carry 0".into(),
+            ));
+        }
+        if mark & !mask != 0 {
+            return Err(invalid(
+                r.mark.span(),
+                "routing.mark",
+                format!("{mark:#x} has bits outside mask {mask:#x}"),
+            ));
+        }
+        let priority = *r.priority.get_ref();
+        if !(1..=32765).contains(&priority) {
+            return Err(invalid(
+                r.priority.span(),
+                "routing.priority",
+                format!(
+                    "{priority} must be between 1 and 32765 (0 is the local rule, 32766 main, 32767 default)"
+                ),
+            ));
+        }
+        let interface = r.interface.get_ref();
+        if interface.is_empty()
+            || interface.len() > 15
+            || interface.contains(|c: char| c == '/' || c.is_whitespace())
+        {
+            return Err(invalid(
+                r.interface.span(),
+                "routing.interface",
+                format!("{interface:?} is not a valid interface name"),
+            ));
+        }
+        let protocols = {
+            let span = r.protocols.span();
+            let list = r.protocols.into_inner();
+            if list.is_empty() {
+                return Err(invalid(
+                    span,
+                    "routing.protocols",
+                    "must name at least one of \"tcp\", \"udp\", \"icmp\", or be [\"all\"]".into(),
+                ));
+            }
+            if list.contains(&raw::Protocol::All) {
+                if list.len() > 1 {
+                    return Err(invalid(
+                        span,
+                        "routing.protocols",
+                        "\"all\" cannot be combined with other protocols".into(),
+                    ));
+                }
+                Protocols::All
+            } else {
+                let mut only: Vec<Protocol> = list
+                    .into_iter()
+                    .map(|p| match p {
+                        raw::Protocol::Tcp => Protocol::Tcp,
+                        raw::Protocol::Udp => Protocol::Udp,
+                        raw::Protocol::Icmp => Protocol::Icmp,
+                        raw::Protocol::All => unreachable!("handled above"),
+                    })
+                    .collect();
+                only.sort();
+                only.dedup();
+                Protocols::Only(only)
+            }
+        };
+        let mut exceptions: Vec<Exception> = Vec::new();
+        for e in r.exceptions {
+            let span = e.span();
+            let e = e.into_inner();
+            let to = e.to.into_inner().0;
+            if to.prefix_len() == 0 {
+                return Err(invalid(
+                    span,
+                    "routing.exceptions",
+                    format!("{to}: an exception cannot be the default route"),
+                ));
+            }
+            if let Some(other) = exceptions.iter().find(|x| x.to == to) {
+                return Err(invalid(
+                    span,
+                    "routing.exceptions",
+                    format!("{to} is listed twice (first at line {})", other.at.line),
+                ));
+            }
+            exceptions.push(Exception {
+                to,
+                via: e.via.map(|v| v.into_inner()),
+                at: locate(span),
+            });
+        }
+
+        let s = raw.select.unwrap_or_default();
+        let locate_all = |list: Vec<Spanned<Principal>>| -> Vec<Located<Principal>> {
+            list.into_iter()
+                .map(|p| Located {
+                    at: locate(p.span()),
+                    value: p.into_inner(),
+                })
+                .collect()
+        };
+        for account in &s.accounts {
+            let value = account.get_ref();
+            if value.is_empty() || value.contains(|c: char| c.is_whitespace() || c == ',') {
+                return Err(invalid(
+                    account.span(),
+                    "select.accounts",
+                    format!("{value:?} is not a Slurm account name"),
+                ));
+            }
+        }
+        let select = Select {
+            users: locate_all(s.users),
+            groups: locate_all(s.groups),
+            accounts: s
+                .accounts
+                .into_iter()
+                .map(|a| a.into_inner().to_lowercase())
+                .collect(),
+        };
+
+        let j = raw.jobs.unwrap_or_default();
+        let state_dir = match j.state_dir {
+            None => PathBuf::from(DEFAULT_STATE_DIR),
+            Some(dir) => {
+                let path_value = PathBuf::from(dir.get_ref());
+                if !path_value.is_absolute() {
+                    return Err(invalid(
+                        dir.span(),
+                        "jobs.state_dir",
+                        format!("{} must be an absolute path", path_value.display()),
+                    ));
+                }
+                path_value
+            }
+        };
+
+        Ok(Config {
+            path: path.to_owned(),
+            routing: Routing {
+                table,
+                table_name: r.table_name.into_inner(),
+                mark,
+                mask,
+                priority,
+                interface: Located {
+                    at: locate(r.interface.span()),
+                    value: r.interface.into_inner(),
+                },
+                gateway: Located {
+                    at: locate(r.gateway.span()),
+                    value: r.gateway.into_inner(),
+                },
+                protocols,
+                exceptions,
+            },
+            select,
+            jobs: Jobs {
+                on_error: j.on_error.unwrap_or(OnError::Drain),
+                state_dir,
+            },
+        })
+    }
+
+    /// Is this Slurm account one whose jobs are selected? Slurm stores accounts in lower case.
+    pub fn selects_account(&self, account: &str) -> bool {
+        self.select
+            .accounts
+            .iter()
+            .any(|a| a.eq_ignore_ascii_case(account))
+    }
+}
+
+/// Byte offsets to line and column.
+struct LineIndex {
+    starts: Vec<usize>,
+}
+
+impl LineIndex {
+    fn new(text: &str) -> Self {
+        let starts = std::iter::once(0)
+            .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+            .collect();
+        LineIndex { starts }
+    }
+
+    fn locate(&self, offset: usize) -> Location {
+        let line = self.starts.partition_point(|&s| s <= offset);
+        Location {
+            line,
+            column: offset - self.starts[line - 1] + 1,
+        }
+    }
+}
+
+/// The file's shape, as serde sees it. Unknown keys are errors: a typo must not silently
+/// become a default.
+mod raw {
+    use super::*;
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct File {
+        pub routing: RawRouting,
+        pub select: Option<RawSelect>,
+        pub jobs: Option<RawJobs>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct RawRouting {
+        pub table: Spanned<u32>,
+        pub table_name: Spanned<String>,
+        pub mark: Spanned<u32>,
+        pub mask: Spanned<u32>,
+        pub priority: Spanned<u32>,
+        pub interface: Spanned<String>,
+        pub gateway: Spanned<Ipv4Addr>,
+        pub protocols: Spanned<Vec<Protocol>>,
+        #[serde(default)]
+        pub exceptions: Vec<Spanned<RawException>>,
+    }
+
+    #[derive(Deserialize, PartialEq, Eq)]
+    #[serde(rename_all = "lowercase")]
+    pub enum Protocol {
+        Tcp,
+        Udp,
+        Icmp,
+        All,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct RawException {
+        pub to: Spanned<Cidr>,
+        pub via: Option<Spanned<Ipv4Addr>>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct RawSelect {
+        #[serde(default)]
+        pub users: Vec<Spanned<Principal>>,
+        #[serde(default)]
+        pub groups: Vec<Spanned<Principal>>,
+        #[serde(default)]
+        pub accounts: Vec<Spanned<String>>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct RawJobs {
+        pub on_error: Option<OnError>,
+        pub state_dir: Option<Spanned<String>>,
+    }
+
+    /// An IPv4 network written with its prefix length and no host bits: `10.20.1.5/16` is
+    /// refused rather than silently widened, because it is usually a typo.
+    pub struct Cidr(pub Ipv4Net);
+
+    impl<'de> Deserialize<'de> for Cidr {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            let text = String::deserialize(d)?;
+            let net: Ipv4Net = if text.contains('/') {
+                text.parse().map_err(|_| {
+                    de::Error::custom(format!("{text:?} is not an IPv4 network like 10.20.0.0/16"))
+                })?
+            } else {
+                let addr: Ipv4Addr = text.parse().map_err(|_| {
+                    de::Error::custom(format!("{text:?} is not an IPv4 network like 10.20.0.0/16"))
+                })?;
+                Ipv4Net::from(addr)
+            };
+            if net.trunc() != net {
+                return Err(de::Error::custom(format!(
+                    "{text:?} has host bits set; did you mean {}?",
+                    net.trunc()
+                )));
+            }
+            Ok(Cidr(net))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The seed site's configuration, exactly as the issue writes it.
+    pub const SEED: &str = r#"
+[routing]
+table = 201                 # routing table id
+table_name = "alinat"       # so that `ip route show table alinat` works
+mark = 0x1                  # fwmark put on selected packets
+mask = 0x1                  # the bits of the mark that belong to us
+priority = 1000             # ip rule priority
+interface = "ib0"
+gateway = "10.20.3.227"     # the NAT routers' virtual IP
+protocols = ["tcp"]         # any of "tcp", "udp", "icmp"; or ["all"]
+# destinations that selected processes still reach the normal way
+exceptions = [
+  { to = "10.20.0.0/16" },                        # on-link, through `interface`
+  { to = "10.10.24.0/24", via = "10.20.0.1" },
+  { to = "140.181.2.0/24", via = "10.20.0.1" },
+  { to = "140.181.60.0/24", via = "10.20.0.1" },
+]
+
+[select]
+users = ["aliprod", "alise", "rgrosso"]   # names or numeric uids; always selected
+groups = ["alice"]                         # members always selected, primary or supplementary
+accounts = ["alice"]                       # Slurm accounts: their jobs, while they run (plugin issue)
+"#;
+
+    fn parse(text: &str) -> Result<Config, Error> {
+        Config::parse(text, Path::new("/etc/slurm-egress/config.toml"))
+    }
+
+    fn error(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    fn seed_with(from: &str, to: &str) -> String {
+        assert!(SEED.contains(from), "{from:?} not in the seed config");
+        SEED.replacen(from, to, 1)
+    }
+
+    #[test]
+    fn seed_config_is_accepted_as_written() {
+        let c = parse(SEED).unwrap();
+        let r = &c.routing;
+        assert_eq!((r.table, r.table_name.as_str()), (201, "alinat"));
+        assert_eq!((r.mark, r.mask, r.priority), (1, 1, 1000));
+        assert_eq!(r.interface.value, "ib0");
+        assert_eq!(r.interface.at.line, 8);
+        assert_eq!(r.gateway.value, Ipv4Addr::new(10, 20, 3, 227));
+        assert_eq!(r.protocols, Protocols::Only(vec![Protocol::Tcp]));
+        let exceptions: Vec<(String, Option<Ipv4Addr>)> = r
+            .exceptions
+            .iter()
+            .map(|e| (e.to.to_string(), e.via))
+            .collect();
+        let via = Some(Ipv4Addr::new(10, 20, 0, 1));
+        assert_eq!(
+            exceptions,
+            [
+                ("10.20.0.0/16".to_string(), None),
+                ("10.10.24.0/24".to_string(), via),
+                ("140.181.2.0/24".to_string(), via),
+                ("140.181.60.0/24".to_string(), via),
+            ]
+        );
+        let users: Vec<String> = c.select.users.iter().map(|u| u.to_string()).collect();
+        assert_eq!(users, ["aliprod", "alise", "rgrosso"]);
+        assert_eq!(c.select.users[2].at.line, 20);
+        assert_eq!(c.select.groups[0].value, Principal::Name("alice".into()));
+        assert!(c.selects_account("alice") && c.selects_account("ALICE"));
+        assert!(!c.selects_account("alice2"));
+        assert_eq!(c.jobs.on_error, OnError::Drain);
+        assert_eq!(c.jobs.state_dir, Path::new(DEFAULT_STATE_DIR));
+    }
+
+    #[test]
+    fn numeric_ids_and_optional_sections() {
+        let c = parse(
+            r#"
+[routing]
+table = 300
+table_name = "egress"
+mark = 0x100
+mask = 0xff00
+priority = 900
+interface = "eth0"
+gateway = "10.20.0.1"
+protocols = ["udp", "tcp", "udp", "icmp"]
+[select]
+users = [1001, "bob"]
+groups = [2000]
+[jobs]
+on_error = "continue"
+state_dir = "/run/egress-test"
+"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.routing.protocols,
+            Protocols::Only(vec![Protocol::Tcp, Protocol::Udp, Protocol::Icmp])
+        );
+        assert_eq!(c.routing.exceptions, []);
+        assert_eq!(c.select.users[0].value, Principal::Id(1001));
+        assert_eq!(c.select.users[1].value, Principal::Name("bob".into()));
+        assert_eq!(c.jobs.on_error, OnError::Continue);
+        assert_eq!(c.jobs.state_dir, Path::new("/run/egress-test"));
+        let all = parse(&seed_with(r#"["tcp"]"#, r#"["all"]"#)).unwrap();
+        assert_eq!(all.routing.protocols, Protocols::All);
+    }
+
+    #[test]
+    fn typo_in_a_key_names_the_key_and_line() {
+        let e = error(&seed_with("priority = 1000", "priorty = 1000"));
+        assert!(e.contains("unknown field `priorty`"), "{e}");
+        assert!(e.contains("line 7"), "{e}");
+        let e = error(&seed_with("[select]", "[selekt]"));
+        assert!(e.contains("selekt") && e.contains("line 19"), "{e}");
+    }
+
+    #[test]
+    fn bad_cidr_names_the_value_and_line() {
+        let e = error(&seed_with("10.10.24.0/24", "10.10.24.0/33"));
+        assert!(
+            e.contains("\"10.10.24.0/33\" is not an IPv4 network"),
+            "{e}"
+        );
+        assert!(e.contains("line 14"), "{e}");
+        let e = error(&seed_with("10.10.24.0/24", "10.10.24.7/24"));
+        assert!(
+            e.contains("host bits set; did you mean 10.10.24.0/24"),
+            "{e}"
+        );
+        let e = error(&seed_with(
+            r#"via = "10.20.0.1" },"#,
+            r#"via = "10.20.0" },"#,
+        ));
+        assert!(
+            e.contains("line 14") && e.contains("invalid IPv4 address"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn mark_outside_mask_is_refused() {
+        let e = error(&seed_with("mark = 0x1 ", "mark = 0x3 "));
+        assert_eq!(
+            e,
+            "/etc/slurm-egress/config.toml:5:8: routing.mark: 0x3 has bits outside mask 0x1"
+        );
+        let e = error(&seed_with("mask = 0x1 ", "mask = 0x0 "));
+        assert!(e.contains(":6:8: routing.mask"), "{e}");
+        let e = error(&seed_with("mark = 0x1 ", "mark = 0 "));
+        assert!(e.contains("routing.mark: must not be 0"), "{e}");
+    }
+
+    #[test]
+    fn other_value_errors_name_their_key() {
+        for (from, to, key, line) in [
+            ("table = 201", "table = 254", "routing.table", 3),
+            ("\"alinat\"", "\"main\"", "routing.table_name", 4),
+            ("\"alinat\"", "\"ali nat\"", "routing.table_name", 4),
+            ("priority = 1000", "priority = 0", "routing.priority", 7),
+            ("priority = 1000", "priority = 40000", "routing.priority", 7),
+            (
+                "\"ib0\"",
+                "\"an-interface-name-too-long\"",
+                "routing.interface",
+                8,
+            ),
+            (r#"["tcp"]"#, "[]", "routing.protocols", 10),
+            (r#"["tcp"]"#, r#"["all", "tcp"]"#, "routing.protocols", 10),
+            (
+                "{ to = \"10.20.0.0/16\" },",
+                "{ to = \"10.10.24.0/24\" },",
+                "routing.exceptions",
+                14,
+            ),
+            (
+                "accounts = [\"alice\"]",
+                "accounts = [\"a b\"]",
+                "select.accounts",
+                22,
+            ),
+        ] {
+            let e = error(&seed_with(from, to));
+            assert!(
+                e.starts_with(&format!("/etc/slurm-egress/config.toml:{line}:")),
+                "{from} -> {to}: {e}"
+            );
+            assert!(e.contains(&format!(": {key}: ")), "{from} -> {to}: {e}");
+        }
+    }
+
+    #[test]
+    fn wrong_types_and_missing_keys_are_refused() {
+        let e = error(&seed_with(r#"["tcp"]"#, r#"["sctp"]"#));
+        assert!(e.contains("line 10") && e.contains("sctp"), "{e}");
+        let e = error(&seed_with("gateway = \"10.20.3.227\"", "gateway = \"vip\""));
+        assert!(e.contains("line 9"), "{e}");
+        let e = error(&seed_with("table = 201 ", ""));
+        assert!(e.contains("missing field `table`"), "{e}");
+        let e = error(&seed_with(
+            r#"users = ["aliprod""#,
+            r#"users = [-1, "aliprod""#,
+        ));
+        assert!(e.contains("line 20"), "{e}");
+        let e = error("[jobs]\non_error = \"ignore\"\n");
+        assert!(e.contains("ignore") || e.contains("routing"), "{e}");
+        let e = error(&format!("{SEED}\n[jobs]\nstate_dir = \"run/x\"\n"));
+        assert!(
+            e.contains("jobs.state_dir: run/x must be an absolute path"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unreadable_file_names_the_path() {
+        let e = Config::load(Path::new("/nonexistent/slurm-egress.toml")).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("cannot read config /nonexistent/slurm-egress.toml: "),
+            "{e}"
+        );
+    }
+}

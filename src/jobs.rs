@@ -1,0 +1,106 @@
+//! Job start and end, shared by the SPANK plugin and `slurm-egress job start|end`: decide
+//! whether the job is selected, then change the node's ledger and the `jobs` set together,
+//! under the ledger lock.
+//!
+//! Synchronous on purpose: this runs inside slurmd's prolog and epilog processes, where
+//! threads and async runtimes have no place.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::config::Config;
+use crate::ledger::{self, Ledger};
+use crate::netfilter::{self, Family, KeyType, Netfilter};
+use crate::node::{JOBS, TABLE};
+use crate::selection::{self, Reason};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Selection(#[from] selection::Error),
+    #[error(transparent)]
+    Ledger(#[from] ledger::Error),
+    #[error("{0} (is the node policy applied? run `slurm-egress apply`)")]
+    Netfilter(#[from] netfilter::Error),
+}
+
+/// A job starting on a node, as slurmd describes it.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub id: u32,
+    pub uid: u32,
+    /// From slurmd's own environment (`SLURM_JOB_ACCOUNT`), never the job's.
+    pub account: Option<String>,
+    /// The Slurm node name (`SLURMD_NODENAME`).
+    pub node: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Started {
+    /// The job is selected; its owner is in the set.
+    Selected(Reason),
+    /// The ledger already had this job (a prolog run twice): nothing changed.
+    AlreadyTracked,
+    NotSelected,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ended {
+    /// The job was selected; `released` says whether its owner left the set (no other
+    /// selected job of theirs runs here).
+    Removed { uid: u32, released: bool },
+    /// The job was not in the ledger: not selected, or already ended.
+    NotTracked,
+}
+
+/// Records a starting job and gives its owner the egress path if it is selected. On any
+/// failure nothing is left changed.
+pub fn start(config: &Config, job: &Job) -> Result<Started, Error> {
+    let Some(reason) = selection::job_reason(config, job.uid, job.account.as_deref())? else {
+        return Ok(Started::NotSelected);
+    };
+    let ledger = Ledger::lock(&config.jobs.state_dir)?;
+    let mut node = ledger.read(&job.node)?;
+    if node.jobs.iter().any(|j| j.id == job.id) {
+        return Ok(Started::AlreadyTracked);
+    }
+    let before = node.clone();
+    node.jobs.push(ledger::Job {
+        id: job.id,
+        uid: job.uid,
+        reason: reason.to_string(),
+        started: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default(),
+    });
+    ledger.write(&mut node)?;
+    let added = Netfilter::open()
+        .and_then(|mut nft| nft.add_elements(Family::Inet, TABLE, JOBS, KeyType::Uid, &[job.uid]));
+    if let Err(e) = added {
+        // Undo the record, so that the ledger never promises what the set does not hold.
+        let mut before = before;
+        ledger.write(&mut before)?;
+        return Err(e.into());
+    }
+    Ok(Started::Selected(reason))
+}
+
+/// Forgets an ending job; its owner leaves the set when no other selected job of theirs runs
+/// on any node in this network namespace.
+pub fn end(config: &Config, id: u32, node_name: &str) -> Result<Ended, Error> {
+    let ledger = Ledger::lock(&config.jobs.state_dir)?;
+    let mut node = ledger.read(node_name)?;
+    let Some(at) = node.jobs.iter().position(|j| j.id == id) else {
+        return Ok(Ended::NotTracked);
+    };
+    let job = node.jobs.remove(at);
+    ledger.write(&mut node)?;
+    let released = !ledger.uids_here()?.contains(&job.uid);
+    if released {
+        Netfilter::open()?.remove_elements(Family::Inet, TABLE, JOBS, KeyType::Uid, &[job.uid])?;
+    }
+    Ok(Ended::Removed {
+        uid: job.uid,
+        released,
+    })
+}

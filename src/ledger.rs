@@ -1,0 +1,308 @@
+//! The job ledger: which selected jobs run on each Slurm node, so that a uid leaves the
+//! `jobs` set only when its last selected job on the node ends, and so that `apply` can put
+//! back set members that someone flushed.
+//!
+//! One small TOML file per Slurm node (`<state_dir>/nodes/<node>.toml`), never per host:
+//! several slurmd may share a host. Each file records the network namespace its node runs in,
+//! because the nftables set lives there: the set of a namespace is the union of the ledgers
+//! of the nodes in it. The state directory is on tmpfs (`/run`), so the ledger survives slurmd
+//! restarts and is empty after a reboot, exactly like the kernel state it mirrors.
+//!
+//! Every change to a ledger *and* to the set happens under one exclusive `flock` on
+//! `<state_dir>/lock`, so concurrent job starts and ends on a node never lose an update. The
+//! lock is released by the kernel if its holder dies, and waiting for it is bounded.
+
+use std::collections::BTreeSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path}: timed out after {waited:?} waiting for the ledger lock")]
+    LockTimeout { path: PathBuf, waited: Duration },
+    #[error("{path}: corrupt ledger: {message}")]
+    Corrupt { path: PathBuf, message: String },
+    #[error("{0:?} is not a usable Slurm node name")]
+    BadNode(String),
+}
+
+trait IoContext<T> {
+    fn at(self, path: &Path) -> Result<T, Error>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn at(self, path: &Path) -> Result<T, Error> {
+        self.map_err(|source| Error::Io {
+            path: path.to_owned(),
+            source,
+        })
+    }
+}
+
+/// How long a job start or end waits for another one to finish with the ledger. Each holds
+/// it for well under a millisecond; `apply` holds it for one nftables transaction.
+const LOCK_WAIT: Duration = Duration::from_secs(10);
+
+/// One selected job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: u32,
+    pub uid: u32,
+    /// Why it was selected, for `slurm-egress jobs`.
+    pub reason: String,
+    /// Seconds since the epoch.
+    pub started: u64,
+}
+
+/// The ledger of one Slurm node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    pub node: String,
+    /// `/proc/self/ns/net` of the process that last wrote it (`net:[4026531840]`).
+    pub netns: String,
+    #[serde(default, rename = "job")]
+    pub jobs: Vec<Job>,
+}
+
+/// Exclusive access to every ledger under a state directory, for as long as it lives.
+pub struct Ledger {
+    dir: PathBuf,
+    _lock: File,
+}
+
+impl Ledger {
+    /// Takes the lock, creating the state directory if needed; waits at most [`LOCK_WAIT`].
+    pub fn lock(state_dir: &Path) -> Result<Ledger, Error> {
+        let nodes = state_dir.join("nodes");
+        fs::create_dir_all(&nodes).at(&nodes)?;
+        let path = state_dir.join("lock");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .at(&path)?;
+        let start = Instant::now();
+        let mut pause = Duration::from_micros(50);
+        loop {
+            // SAFETY: flock on a descriptor we own.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                break;
+            }
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EWOULDBLOCK) && e.kind() != io::ErrorKind::Interrupted
+            {
+                return Err(e).at(&path);
+            }
+            if start.elapsed() > LOCK_WAIT {
+                return Err(Error::LockTimeout {
+                    path,
+                    waited: LOCK_WAIT,
+                });
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
+        Ok(Ledger {
+            dir: state_dir.to_owned(),
+            _lock: file,
+        })
+    }
+
+    fn path(&self, node: &str) -> Result<PathBuf, Error> {
+        if node.is_empty()
+            || node.starts_with('.')
+            || node.len() > 255
+            || node.contains(|c: char| c == '/' || c.is_control() || c.is_whitespace())
+        {
+            return Err(Error::BadNode(node.to_owned()));
+        }
+        Ok(self.dir.join("nodes").join(format!("{node}.toml")))
+    }
+
+    /// The ledger of `node`; empty if it has none yet.
+    pub fn read(&self, node: &str) -> Result<Node, Error> {
+        let path = self.path(node)?;
+        match fs::read_to_string(&path) {
+            Ok(text) => parse(&text, &path),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Node {
+                node: node.to_owned(),
+                netns: current_netns()?,
+                jobs: Vec::new(),
+            }),
+            Err(e) => Err(e).at(&path),
+        }
+    }
+
+    /// Replaces the ledger of `node.node` atomically (write, fsync, rename), recording the
+    /// current network namespace. An empty ledger is deleted.
+    pub fn write(&self, node: &mut Node) -> Result<(), Error> {
+        let path = self.path(&node.node)?;
+        if node.jobs.is_empty() {
+            return match fs::remove_file(&path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e).at(&path),
+                _ => Ok(()),
+            };
+        }
+        node.netns = current_netns()?;
+        let text = toml::to_string(node).map_err(|e| Error::Corrupt {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+        let mut file = File::create(&tmp).at(&tmp)?;
+        file.write_all(text.as_bytes()).at(&tmp)?;
+        file.sync_all().at(&tmp)?;
+        fs::rename(&tmp, &path).at(&path)
+    }
+
+    /// Every node ledger, in node name order.
+    pub fn all(&self) -> Result<Vec<Node>, Error> {
+        let dir = self.dir.join("nodes");
+        let mut nodes = Vec::new();
+        for entry in fs::read_dir(&dir).at(&dir)? {
+            let path = entry.at(&dir)?.path();
+            if path.extension().is_some_and(|x| x == "toml") {
+                let text = fs::read_to_string(&path).at(&path)?;
+                nodes.push(parse(&text, &path)?);
+            }
+        }
+        nodes.sort_by(|a, b| a.node.cmp(&b.node));
+        Ok(nodes)
+    }
+
+    /// The uids that the `jobs` set of the current network namespace must hold: those of
+    /// every job of every node running in it.
+    pub fn uids_here(&self) -> Result<BTreeSet<u32>, Error> {
+        let here = current_netns()?;
+        Ok(self
+            .all()?
+            .iter()
+            .filter(|n| n.netns == here)
+            .flat_map(|n| n.jobs.iter().map(|j| j.uid))
+            .collect())
+    }
+}
+
+fn parse(text: &str, path: &Path) -> Result<Node, Error> {
+    toml::from_str(text).map_err(|e| Error::Corrupt {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+/// Identifies the network namespace this process is in, as the kernel names it.
+pub fn current_netns() -> Result<String, Error> {
+    let path = Path::new("/proc/self/ns/net");
+    let link = fs::read_link(path).at(path)?;
+    Ok(link.to_string_lossy().into_owned())
+}
+
+/// The node name to use when none is given: Slurm's default for a node is its short host
+/// name.
+pub fn default_node() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .map(|h| h.split('.').next().unwrap_or_default().to_owned())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tempdir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "slurm-egress-ledger-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = fs::remove_dir_all(&dir);
+        dir
+    }
+
+    fn job(id: u32, uid: u32) -> Job {
+        Job {
+            id,
+            uid,
+            reason: "account alice".into(),
+            started: 1,
+        }
+    }
+
+    #[test]
+    fn round_trip_and_union_per_namespace() {
+        let dir = tempdir();
+        let ledger = Ledger::lock(&dir).unwrap();
+        let mut w1 = ledger.read("w1").unwrap();
+        assert!(w1.jobs.is_empty());
+        w1.jobs = vec![job(1, 1001), job(2, 1002)];
+        ledger.write(&mut w1).unwrap();
+        let mut w2 = ledger.read("w2").unwrap();
+        w2.jobs = vec![job(3, 1003)];
+        ledger.write(&mut w2).unwrap();
+        // A node in another namespace does not count here.
+        let mut elsewhere = Node {
+            node: "w3".into(),
+            netns: "net:[1]".into(),
+            jobs: vec![job(4, 1004)],
+        };
+        fs::write(
+            dir.join("nodes/w3.toml"),
+            toml::to_string(&elsewhere).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(ledger.read("w1").unwrap(), w1);
+        assert_eq!(
+            ledger.uids_here().unwrap(),
+            BTreeSet::from([1001, 1002, 1003])
+        );
+        assert_eq!(ledger.all().unwrap().len(), 3);
+        elsewhere.jobs.clear();
+        ledger.write(&mut elsewhere).unwrap();
+        assert!(!dir.join("nodes/w3.toml").exists());
+        drop(ledger);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn bad_node_names_and_corrupt_files() {
+        let dir = tempdir();
+        let ledger = Ledger::lock(&dir).unwrap();
+        for bad in ["", "../x", ".hidden", "a b"] {
+            assert!(matches!(ledger.read(bad), Err(Error::BadNode(_))), "{bad}");
+        }
+        fs::write(dir.join("nodes/w9.toml"), "node = 3").unwrap();
+        let e = ledger.read("w9").unwrap_err().to_string();
+        assert!(e.contains("w9.toml: corrupt ledger"), "{e}");
+        drop(ledger);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn lock_is_exclusive_across_processes() {
+        let dir = tempdir();
+        let held = Ledger::lock(&dir).unwrap();
+        // A second open file description conflicts, like another process would.
+        let other = File::open(dir.join("lock")).unwrap();
+        let r = unsafe { libc::flock(other.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        assert_eq!(r, -1);
+        drop(held);
+        let r = unsafe { libc::flock(other.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        assert_eq!(r, 0);
+        drop(other);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,67 @@
+use std::io;
+
+/// Errors of the netfilter module.
+///
+/// Every variant names the object it was about (`table inet slurm_egress`,
+/// `set inet slurm_egress jobs`, ...) and keeps an `io::Error` as its `source()`: for kernel
+/// refusals that is the errno of the netlink error ack, so callers match on
+/// [`Error::errno`], never on text.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Opening, writing or reading the netlink socket failed.
+    #[error("{object}: netlink {action} failed")]
+    Netlink {
+        object: String,
+        action: &'static str,
+        source: io::Error,
+    },
+    /// The kernel refused a message; the whole transaction was rolled back.
+    #[error("{object}: the kernel refused to {action}{}", root_hint(source))]
+    Refused {
+        object: String,
+        action: &'static str,
+        source: io::Error,
+    },
+    /// The kernel answered something this module does not understand.
+    #[error("{object}: unexpected reply from the kernel")]
+    Reply { object: String, source: io::Error },
+    /// The desired table cannot be applied as written.
+    #[error("{object} is invalid")]
+    Invalid { object: String, source: io::Error },
+}
+
+fn root_hint(source: &io::Error) -> &'static str {
+    match source.raw_os_error() {
+        Some(libc::EPERM | libc::EACCES) => {
+            " (this needs root: CAP_NET_ADMIN in the current network namespace)"
+        }
+        _ => "",
+    }
+}
+
+impl Error {
+    /// The errno behind this error, if it came from the kernel or a system call.
+    pub fn errno(&self) -> Option<i32> {
+        let (Error::Netlink { source, .. }
+        | Error::Refused { source, .. }
+        | Error::Reply { source, .. }
+        | Error::Invalid { source, .. }) = self;
+        source.raw_os_error()
+    }
+
+    pub(crate) fn reply(object: impl Into<String>, why: impl Into<String>) -> Error {
+        Error::Reply {
+            object: object.into(),
+            source: io::Error::new(io::ErrorKind::InvalidData, why.into()),
+        }
+    }
+
+    pub(crate) fn invalid(object: impl Into<String>, why: impl Into<String>) -> Error {
+        Error::Invalid {
+            object: object.into(),
+            source: io::Error::new(io::ErrorKind::InvalidInput, why.into()),
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
