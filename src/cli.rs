@@ -8,7 +8,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{self, Config};
+use crate::config::{self, Config, OnError};
+use crate::jobs::{self, Ended, Started};
+use crate::ledger::{self, Ledger};
 use crate::node::{self, Node};
 
 #[derive(Debug, Parser)]
@@ -43,6 +45,44 @@ pub enum Command {
     Check,
     /// Take out exactly what `apply` made.
     Remove,
+    /// Job start and end, for sites that run `Prolog=`/`Epilog=` scripts instead of the SPANK
+    /// plugin. Values default to the variables slurmd sets for those scripts.
+    #[command(subcommand)]
+    Job(JobCommand),
+    /// List the selected jobs recorded for a node.
+    Jobs {
+        /// The Slurm node name [default: this host's short name].
+        #[arg(long, env = "SLURMD_NODENAME")]
+        node: Option<String>,
+        /// Every node recorded on this host.
+        #[arg(long, conflicts_with = "node")]
+        all: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobCommand {
+    /// A job starts: if it is selected, record it and give its owner the egress path.
+    Start {
+        #[arg(long, env = "SLURM_JOB_ID")]
+        job_id: u32,
+        #[arg(long, env = "SLURM_JOB_UID")]
+        uid: u32,
+        /// Trusted only from slurmd's own environment, never from the job's.
+        #[arg(long, env = "SLURM_JOB_ACCOUNT")]
+        account: Option<String>,
+        /// The Slurm node name [default: this host's short name].
+        #[arg(long, env = "SLURMD_NODENAME")]
+        node: Option<String>,
+    },
+    /// A job ended: forget it; its owner loses the egress path with their last selected job.
+    End {
+        #[arg(long, env = "SLURM_JOB_ID")]
+        job_id: u32,
+        /// The Slurm node name [default: this host's short name].
+        #[arg(long, env = "SLURMD_NODENAME")]
+        node: Option<String>,
+    },
 }
 
 /// Runs the parsed command line on a single-threaded runtime.
@@ -122,5 +162,99 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Job(command) => {
+            let config = Config::load(&cli.config)?;
+            node::require_root()?;
+            job(&config, command)
+        }
+        Command::Jobs { node, all } => {
+            let config = Config::load(&cli.config)?;
+            node::require_root()?;
+            let ledger = Ledger::lock(&config.jobs.state_dir)?;
+            let nodes = if all {
+                ledger.all()?
+            } else {
+                vec![ledger.read(&node.unwrap_or_else(ledger::default_node))?]
+            };
+            println!(
+                "{:<12} {:>10} {:>8} {:<16} {:<24} STARTED",
+                "NODE", "JOB", "UID", "USER", "REASON"
+            );
+            for n in &nodes {
+                for j in &n.jobs {
+                    let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(j.uid))
+                        .ok()
+                        .flatten()
+                        .map(|u| u.name)
+                        .unwrap_or_else(|| "-".into());
+                    println!(
+                        "{:<12} {:>10} {:>8} {:<16} {:<24} {}",
+                        n.node, j.id, j.uid, user, j.reason, j.started
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn job(config: &Config, command: JobCommand) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let (what, result) = match command {
+        JobCommand::Start {
+            job_id,
+            uid,
+            account,
+            node,
+        } => {
+            let job = jobs::Job {
+                id: job_id,
+                uid,
+                account,
+                node: node.unwrap_or_else(ledger::default_node),
+            };
+            let outcome = jobs::start(config, &job).map(|started| match started {
+                Started::Selected(reason) => {
+                    format!("job {job_id}: uid {uid} selected ({reason}): egress path on")
+                }
+                Started::AlreadyTracked => format!("job {job_id}: already recorded"),
+                Started::NotSelected => format!("job {job_id}: uid {uid} not selected"),
+            });
+            ("start", outcome)
+        }
+        JobCommand::End { job_id, node } => {
+            let node = node.unwrap_or_else(ledger::default_node);
+            let outcome = jobs::end(config, job_id, &node).map(|ended| match ended {
+                Ended::Removed {
+                    uid,
+                    released: true,
+                } => {
+                    format!("job {job_id}: ended; uid {uid} egress path off")
+                }
+                Ended::Removed {
+                    uid,
+                    released: false,
+                } => format!(
+                    "job {job_id}: ended; uid {uid} keeps the egress path for its other jobs"
+                ),
+                Ended::NotTracked => format!("job {job_id}: not recorded on {node}"),
+            });
+            ("end", outcome)
+        }
+    };
+    match result {
+        Ok(line) => {
+            println!("{line}");
+            Ok(ExitCode::SUCCESS)
+        }
+        // Like the plugin: an error fails the prolog/epilog script (Slurm drains the node)
+        // unless the site chose to carry on.
+        Err(e) if config.jobs.on_error == OnError::Continue => {
+            eprintln!(
+                "slurm-egress: job {what}: {} (on_error = \"continue\")",
+                chain(&e)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => Err(e.into()),
     }
 }

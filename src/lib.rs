@@ -9,3 +9,4 @@ pub mod netfilter;
 pub mod node;
 pub mod routing;
 pub mod selection;
+pub mod spank;

@@ -150,6 +150,14 @@ impl Lab {
         lab
     }
 
+    /// Adds the Slurm controller's host, `ctl` (10.20.0.10), to the fabric.
+    pub fn add_controller(&mut self) -> String {
+        let ctl = self.net.host("ctl");
+        self.net.plug(&ctl, "eth0", &self.fab, "br0", "p-ctl");
+        self.net.addr(&ctl, "eth0", "10.20.0.10/16");
+        ctl
+    }
+
     /// The seed site's config with this lab's addresses; `select` replaces the `[select]`
     /// body and `protocols` the protocol list.
     pub fn config(&self, protocols: &str, select: &str) -> PathBuf {

@@ -7,6 +7,7 @@
 
 #![allow(dead_code)] // each test binary uses part of the harness
 
+pub mod cluster;
 pub mod lab;
 
 use std::path::{Path, PathBuf};
@@ -370,4 +371,21 @@ pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
         );
         std::thread::sleep(Duration::from_millis(25));
     }
+}
+
+/// The elements of a uid/gid set of the node table in `ns`, as `nft` lists them.
+pub fn set_elements(net: &Net, ns: &str, set: &str) -> std::collections::BTreeSet<u32> {
+    let text = net.ok(ns, &["nft", "list", "set", "inet", "slurm_egress", set]);
+    let Some(start) = text.find("elements = {") else {
+        return Default::default();
+    };
+    let rest = &text[start + "elements = {".len()..];
+    rest[..rest.find('}').unwrap()]
+        .split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse()
+                .unwrap_or_else(|_| panic!("element {s:?} in {text}"))
+        })
+        .collect()
 }
