@@ -11,7 +11,8 @@ use clap::{Parser, Subcommand};
 use crate::config::{self, Config, OnError};
 use crate::jobs::{self, Ended, Started};
 use crate::ledger::{self, Ledger};
-use crate::node::{self, Node};
+use crate::node::{self, Handles, Node};
+use crate::watch;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -49,6 +50,14 @@ pub enum Command {
     /// plugin. Values default to the variables slurmd sets for those scripts.
     #[command(subcommand)]
     Job(JobCommand),
+    /// Keep the node policy true: re-apply whenever links, addresses, routes, rules or the
+    /// nftables ruleset change (a link flap drops every route), and every --interval. Also
+    /// serves the plugin's set changes. Reloads the config on SIGHUP; stops on SIGTERM.
+    Watch {
+        /// Seconds between full checks, besides the kernel's change notifications.
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+        interval: u64,
+    },
     /// List the selected jobs recorded for a node.
     Jobs {
         /// The Slurm node name [default: this host's short name].
@@ -124,7 +133,9 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     match cli.command {
         Command::Apply { dry_run } => {
             let config = Config::load(&cli.config)?;
-            let mut node = Node::load(&config).await?;
+            node::require_root()?;
+            let mut handles = Handles::open()?;
+            let node = Node::load(&config, &mut handles).await?;
             if node.plan.is_empty() {
                 println!("in sync: nothing to do");
                 return Ok(ExitCode::SUCCESS);
@@ -134,14 +145,15 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 println!("dry run: {} change(s) not applied", node.plan.len());
                 return Ok(ExitCode::SUCCESS);
             }
-            node.apply().await?;
+            node.apply(&mut handles).await?;
             println!("applied {} change(s)", node.plan.len());
             tracing::info!(changes = node.plan.len(), "node policy applied");
             Ok(ExitCode::SUCCESS)
         }
         Command::Check => {
             let config = Config::load(&cli.config)?;
-            let node = Node::load(&config).await?;
+            node::require_root()?;
+            let node = Node::load(&config, &mut Handles::open()?).await?;
             if node.plan.is_empty() {
                 println!("in sync");
                 Ok(ExitCode::SUCCESS)
@@ -153,13 +165,18 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         }
         Command::Remove => {
             let config = Config::load(&cli.config)?;
-            let done = node::remove(&config).await?;
+            node::require_root()?;
+            let done = node::remove(&config, &mut Handles::open()?).await?;
             if done.is_empty() {
                 println!("nothing to remove");
             }
             for line in done {
                 println!("{line}");
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Watch { interval } => {
+            watch::run(&cli.config, std::time::Duration::from_secs(interval)).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Job(command) => {

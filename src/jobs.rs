@@ -4,14 +4,20 @@
 //!
 //! Synchronous on purpose: this runs inside slurmd's prolog and epilog processes, where
 //! threads and async runtimes have no place.
+//!
+//! Those processes are short-lived, and closing an nftables socket after a recent removal in
+//! the network namespace waits for the kernel (an RCU grace period, 5-30 ms, under the
+//! nftables mutex). So the set change goes through `slurm-egress watch` when it serves this
+//! namespace (its socket never closes); without it, the change is made here and the socket
+//! let go with [`Netfilter::close_detached`].
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::config::Config;
 use crate::ledger::{self, Ledger};
-use crate::netfilter::{self, Family, KeyType, Netfilter};
-use crate::node::{JOBS, TABLE};
+use crate::netfilter::{self, Netfilter};
 use crate::selection::{self, Reason};
+use crate::watch::{self, SetChange};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -21,6 +27,8 @@ pub enum Error {
     Ledger(#[from] ledger::Error),
     #[error("{0} (is the node policy applied? run `slurm-egress apply`)")]
     Netfilter(#[from] netfilter::Error),
+    #[error("slurm-egress watch could not change the set: {0} (is the node policy applied?)")]
+    Watch(String),
 }
 
 /// A job starting on a node, as slurmd describes it.
@@ -74,13 +82,11 @@ pub fn start(config: &Config, job: &Job) -> Result<Started, Error> {
             .unwrap_or_default(),
     });
     ledger.write(&mut node)?;
-    let added = Netfilter::open()
-        .and_then(|mut nft| nft.add_elements(Family::Inet, TABLE, JOBS, KeyType::Uid, &[job.uid]));
-    if let Err(e) = added {
+    if let Err(e) = change_set(config, SetChange::Add(job.uid)) {
         // Undo the record, so that the ledger never promises what the set does not hold.
         let mut before = before;
         ledger.write(&mut before)?;
-        return Err(e.into());
+        return Err(e);
     }
     Ok(Started::Selected(reason))
 }
@@ -97,10 +103,45 @@ pub fn end(config: &Config, id: u32, node_name: &str) -> Result<Ended, Error> {
     ledger.write(&mut node)?;
     let released = !ledger.uids_here()?.contains(&job.uid);
     if released {
-        Netfilter::open()?.remove_elements(Family::Inet, TABLE, JOBS, KeyType::Uid, &[job.uid])?;
+        change_set(config, SetChange::Remove(job.uid))?;
     }
     Ok(Ended::Removed {
         uid: job.uid,
         released,
     })
+}
+
+/// Makes a change to the `jobs` set: through `slurm-egress watch` if it serves this network
+/// namespace, else in-process. Called with the ledger lock held.
+fn change_set(config: &Config, change: SetChange) -> Result<(), Error> {
+    if let Ok(path) = watch::socket_path(&config.jobs.state_dir)
+        && let Some(reply) = ask_watch(&path, change)
+    {
+        return match reply.strip_prefix("ok") {
+            Some(_) => Ok(()),
+            None => Err(Error::Watch(reply)),
+        };
+    }
+    let mut nft = Netfilter::open()?;
+    change.apply(&mut nft)?;
+    nft.close_detached();
+    Ok(())
+}
+
+/// The watch's one-line answer, or `None` if no watch answers (not running, another
+/// namespace's, stuck): the caller then does the work itself, which is safe to repeat.
+fn ask_watch(path: &std::path::Path, change: SetChange) -> Option<String> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(path).ok()?;
+    stream
+        .set_write_timeout(Some(std::time::Duration::from_secs(1)))
+        .ok()?;
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+        .ok()?;
+    stream.write_all(format!("{change}\n").as_bytes()).ok()?;
+    let mut reply = String::new();
+    BufReader::new(stream).read_line(&mut reply).ok()?;
+    let reply = reply.trim().to_owned();
+    (!reply.is_empty()).then_some(reply)
 }

@@ -11,6 +11,11 @@
 //! Every change to a ledger *and* to the set happens under one exclusive `flock` on
 //! `<state_dir>/lock`, so concurrent job starts and ends on a node never lose an update. The
 //! lock is released by the kernel if its holder dies, and waiting for it is bounded.
+//!
+//! A ledger also records the boot it was written in, and one from an earlier boot reads as
+//! empty: should the state directory not be on tmpfs, a reboot still forgets the jobs, as it
+//! forgets the set. For the same reason writes are not fsynced: the file only has to outlive
+//! slurmd, not the machine.
 
 use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
@@ -71,6 +76,9 @@ pub struct Node {
     pub node: String,
     /// `/proc/self/ns/net` of the process that last wrote it (`net:[4026531840]`).
     pub netns: String,
+    /// The kernel's boot id when it was written.
+    #[serde(default)]
+    pub boot: String,
     #[serde(default, rename = "job")]
     pub jobs: Vec<Job>,
 }
@@ -139,14 +147,15 @@ impl Ledger {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Node {
                 node: node.to_owned(),
                 netns: current_netns()?,
+                boot: boot_id()?,
                 jobs: Vec::new(),
             }),
             Err(e) => Err(e).at(&path),
         }
     }
 
-    /// Replaces the ledger of `node.node` atomically (write, fsync, rename), recording the
-    /// current network namespace. An empty ledger is deleted.
+    /// Replaces the ledger of `node.node` atomically (write, rename), recording the current
+    /// network namespace and boot. An empty ledger is deleted.
     pub fn write(&self, node: &mut Node) -> Result<(), Error> {
         let path = self.path(&node.node)?;
         if node.jobs.is_empty() {
@@ -156,6 +165,7 @@ impl Ledger {
             };
         }
         node.netns = current_netns()?;
+        node.boot = boot_id()?;
         let text = toml::to_string(node).map_err(|e| Error::Corrupt {
             path: path.clone(),
             message: e.to_string(),
@@ -163,7 +173,6 @@ impl Ledger {
         let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
         let mut file = File::create(&tmp).at(&tmp)?;
         file.write_all(text.as_bytes()).at(&tmp)?;
-        file.sync_all().at(&tmp)?;
         fs::rename(&tmp, &path).at(&path)
     }
 
@@ -195,11 +204,22 @@ impl Ledger {
     }
 }
 
+/// Parses a ledger; one written before the last boot has no jobs.
 fn parse(text: &str, path: &Path) -> Result<Node, Error> {
-    toml::from_str(text).map_err(|e| Error::Corrupt {
+    let mut node: Node = toml::from_str(text).map_err(|e| Error::Corrupt {
         path: path.to_owned(),
         message: e.to_string(),
-    })
+    })?;
+    if node.boot != boot_id()? {
+        node.jobs.clear();
+    }
+    Ok(node)
+}
+
+/// This boot's id, as the kernel gives it.
+fn boot_id() -> Result<String, Error> {
+    let path = Path::new("/proc/sys/kernel/random/boot_id");
+    Ok(fs::read_to_string(path).at(path)?.trim().to_owned())
 }
 
 /// Identifies the network namespace this process is in, as the kernel names it.
@@ -257,6 +277,7 @@ mod tests {
         let mut elsewhere = Node {
             node: "w3".into(),
             netns: "net:[1]".into(),
+            boot: boot_id().unwrap(),
             jobs: vec![job(4, 1004)],
         };
         fs::write(
@@ -284,6 +305,13 @@ mod tests {
         for bad in ["", "../x", ".hidden", "a b"] {
             assert!(matches!(ledger.read(bad), Err(Error::BadNode(_))), "{bad}");
         }
+        // A ledger from an earlier boot is empty.
+        fs::write(
+            dir.join("nodes/w8.toml"),
+            "node = \"w8\"\nnetns = \"x\"\nboot = \"old\"\n[[job]]\nid = 1\nuid = 2\nreason = \"r\"\nstarted = 0\n",
+        )
+        .unwrap();
+        assert!(ledger.read("w8").unwrap().jobs.is_empty());
         fs::write(dir.join("nodes/w9.toml"), "node = 3").unwrap();
         let e = ledger.read("w9").unwrap_err().to_string();
         assert!(e.contains("w9.toml: corrupt ledger"), "{e}");

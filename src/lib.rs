@@ -10,3 +10,4 @@ pub mod node;
 pub mod routing;
 pub mod selection;
 pub mod spank;
+pub mod watch;

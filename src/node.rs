@@ -151,31 +151,44 @@ impl fmt::Display for Plan {
     }
 }
 
+/// The node's kernel connections, opened once and reused: by `watch` for its whole life,
+/// because closing an nftables socket can wait for the kernel.
+pub struct Handles {
+    pub nft: Netfilter,
+    pub routing: Routing,
+}
+
+impl Handles {
+    /// Opens both sockets in the current network namespace (on the current tokio runtime).
+    pub fn open() -> Result<Handles, Error> {
+        Ok(Handles {
+            nft: Netfilter::open()?,
+            routing: Routing::connect()?,
+        })
+    }
+}
+
 /// A validated node policy with its live state read, holding the ledger lock so that no job
 /// starts or ends between reading and applying.
 pub struct Node {
     table: Table,
     policy: routing::Policy,
-    nft: Netfilter,
-    routing: Routing,
     _ledger: Ledger,
     pub plan: Plan,
 }
 
 impl Node {
     /// Everything that can fail on bad input fails here, before any change.
-    pub async fn load(config: &Config) -> Result<Node, Error> {
+    pub async fn load(config: &Config, handles: &mut Handles) -> Result<Node, Error> {
         require_root()?;
         let selection = selection::resolve(&config.select, &config.path)?;
         routing::check_table_name(config)?;
-        let routing = Routing::connect()?;
-        let link = routing.link(&config.routing.interface).await?;
+        let link = handles.routing.link(&config.routing.interface).await?;
         let policy = routing::Policy::new(config, link.as_ref())?;
-        let mut nft = Netfilter::open()?;
         let ledger = Ledger::lock(&config.jobs.state_dir)?;
         let table = table(config, &selection, ledger.uids_here()?);
-        let live_table = nft.read(Family::Inet, TABLE)?;
-        let live_routes = routing.read(policy.rule.table).await?;
+        let live_table = handles.nft.read(Family::Inet, TABLE)?;
+        let live_routes = handles.routing.read(policy.rule.table).await?;
         let plan = Plan {
             netfilter: netfilter::diff(&table, live_table.as_ref()),
             routing: policy.diff(&live_routes),
@@ -183,20 +196,19 @@ impl Node {
         Ok(Node {
             table,
             policy,
-            nft,
-            routing,
             _ledger: ledger,
             plan,
         })
     }
 
     /// Makes the plan true: nftables in one transaction, then routing.
-    pub async fn apply(&mut self) -> Result<(), Error> {
+    pub async fn apply(&self, handles: &mut Handles) -> Result<(), Error> {
         if !self.plan.netfilter.is_empty() {
-            self.nft.apply(&self.table)?;
+            handles.nft.apply(&self.table)?;
         }
         if !self.plan.routing.is_empty() {
-            self.routing
+            handles
+                .routing
                 .apply(self.policy.rule.table, &self.plan.routing)
                 .await?;
         }
@@ -206,13 +218,11 @@ impl Node {
 
 /// Takes out what `apply` made; returns a line per thing removed. Running jobs stay in the
 /// ledger, so a later `apply` gives them their path back.
-pub async fn remove(config: &Config) -> Result<Vec<String>, Error> {
+pub async fn remove(config: &Config, handles: &mut Handles) -> Result<Vec<String>, Error> {
     require_root()?;
-    let mut nft = Netfilter::open()?;
-    let routing = Routing::connect()?;
     let _ledger = Ledger::lock(&config.jobs.state_dir)?;
-    let mut done = routing.remove(config.routing.table).await?;
-    if nft.delete(Family::Inet, TABLE)? {
+    let mut done = handles.routing.remove(config.routing.table).await?;
+    if handles.nft.delete(Family::Inet, TABLE)? {
         done.insert(0, format!("deleted nftables table inet {TABLE}"));
     }
     Ok(done)

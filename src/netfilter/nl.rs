@@ -156,6 +156,61 @@ fn netlink_err(object: &str, action: &'static str, source: io::Error) -> Error {
 }
 
 impl Socket {
+    /// Closes the socket so that this process never waits for the kernel's deferred freeing
+    /// of removed set elements.
+    ///
+    /// Closing any nf_tables socket flushes the netns's pending "destroy" work, which frees
+    /// what recent transactions removed after an RCU grace period: 5-30 ms, under the
+    /// nf_tables mutex. That wait lands on whoever closes the *last* reference. So a child
+    /// process takes one: it closes every other descriptor (so nobody waits on pipes it
+    /// inherited), waits until this process has dropped its own reference, then exits,
+    /// paying for the grace period where nobody is waiting. Only async-signal-safe calls run
+    /// in the child, which also makes this safe in a multi-threaded parent. If the fork fails,
+    /// the socket is closed here, slowly.
+    pub fn close_detached(self) {
+        let fd = self.fd.as_raw_fd();
+        let mut pipe = [0; 2];
+        // SAFETY: pipe2 fills two descriptors we then own.
+        if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return;
+        }
+        // SAFETY: the child only makes async-signal-safe system calls and `_exit`s.
+        match unsafe { libc::fork() } {
+            0 => unsafe {
+                let (low, high) = (fd.min(pipe[0]) as u32, fd.max(pipe[0]) as u32);
+                if low > 0 {
+                    libc::syscall(libc::SYS_close_range, 0u32, low - 1, 0u32);
+                }
+                if high > low + 1 {
+                    libc::syscall(libc::SYS_close_range, low + 1, high - 1, 0u32);
+                }
+                libc::syscall(libc::SYS_close_range, high + 1, u32::MAX, 0u32);
+                // EOF once the parent has closed the write end: it no longer holds the socket.
+                let mut byte = 0u8;
+                while libc::read(pipe[0], (&mut byte as *mut u8).cast(), 1) < 0
+                    && *libc::__errno_location() == libc::EINTR
+                {}
+                // Give the kernel's destroy work time to finish on its own (it needs one RCU
+                // grace period and no lock): closing now would flush it under the nf_tables
+                // mutex and stall the next transaction in the namespace.
+                let pause = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 200_000_000,
+                };
+                libc::nanosleep(&pause, std::ptr::null_mut());
+                libc::_exit(0)
+            },
+            _ => {
+                drop(self);
+                // SAFETY: our own pipe descriptors, closed once.
+                unsafe {
+                    libc::close(pipe[1]);
+                    libc::close(pipe[0]);
+                }
+            }
+        }
+    }
+
     pub fn open() -> io::Result<Socket> {
         // SAFETY: plain system calls; the fd is owned right away.
         let fd = unsafe {

@@ -60,7 +60,8 @@ impl Lab {
             "198.51.100.1",
         ]);
         net.sysctl(&gw, "net.ipv4.ip_forward", "1");
-        // The closed default path: only the internal service is reachable through it.
+        // The closed default path: everything but the internal service is silently dropped.
+        ok(&["ip", "-n", &gw, "route", "add", "blackhole", "default"]);
         net.ok(
             &gw,
             &[

@@ -9,6 +9,7 @@
 
 pub mod cluster;
 pub mod lab;
+pub mod netns;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -187,12 +188,27 @@ impl Net {
 
     /// Starts a long-running process in `ns`; it is stopped by its PID when the test ends.
     pub fn spawn(&mut self, ns: &str, args: &[&str]) -> u32 {
+        self.spawn_logged(ns, args, None)
+    }
+
+    /// Like [`Net::spawn`], with stdout and stderr appended to `log`.
+    pub fn spawn_logged(&mut self, ns: &str, args: &[&str], log: Option<&Path>) -> u32 {
+        let output = || match log {
+            Some(path) => Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .unwrap(),
+            ),
+            None => Stdio::null(),
+        };
         let child = Command::new("ip")
             .args(["netns", "exec", ns])
             .args(args)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(output())
+            .stderr(output())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {args:?} in {ns}: {e}"));
         let pid = child.id();

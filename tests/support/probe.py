@@ -17,6 +17,7 @@ longer belong to a live socket of the user):
   linger   the client closes with SO_LINGER 0: an RST from the socket itself.
 """
 import argparse
+import errno
 import os
 import socket
 import struct
@@ -82,6 +83,13 @@ def serve_udp(addr, port):
         srv.sendto(f"peer={peer[0]}\n".encode(), peer)
 
 
+def failure(e):
+    """`error=<reason>`: a timeout, or the errno's name (ECONNREFUSED, EHOSTUNREACH...)."""
+    if isinstance(e, socket.timeout):
+        return "error=timeout"
+    return "error=" + errno.errorcode.get(e.errno, type(e).__name__)
+
+
 def client_tcp(args):
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.settimeout(args.timeout)
@@ -94,7 +102,7 @@ def client_tcp(args):
         s.close()
         print(line or "error=empty")
     except OSError as e:
-        print(f"error={type(e).__name__}")
+        print(failure(e))
 
 
 def client_udp(args):
@@ -105,7 +113,7 @@ def client_udp(args):
         data, _ = s.recvfrom(2048)
         print(data.decode().strip())
     except OSError as e:
-        print(f"error={type(e).__name__}")
+        print(failure(e))
 
 
 def main():

@@ -1,0 +1,273 @@
+//! What a job start and a job end cost on a node: slurm-egress's in-process netlink (the
+//! SPANK plugin's path) against running `nft` for the same set change.
+//!
+//! Run with `benches/run.sh` (root): the benchmark moves itself into a fresh network
+//! namespace of its own, so it touches nothing of the machine's, and needs no cleanup.
+//!
+//! Measured, per operation, 1000 times each:
+//! * in the plugin: `jobs::start` / `jobs::end` called in this process: decision, ledger
+//!   under its lock, one nftables transaction (through `slurm-egress watch` when it runs,
+//!   else in-process);
+//! * as a whole prolog/epilog process: the same call in a forked child, timed from fork to
+//!   reaping the child, so the process's exit (where the kernel may make a closing netlink
+//!   socket wait) is included, as slurmd sees it;
+//! * `nft add element` / `nft delete element`, run as a program, the way a prolog script
+//!   would.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use slurm_egress::config::Config;
+use slurm_egress::jobs::{self, Job};
+use slurm_egress::node::{JOBS, TABLE};
+
+const RUNS: usize = 1000;
+const UID: u32 = 5001;
+
+fn config(state: &Path) -> Config {
+    Config::parse(&config_text(state), Path::new("bench.toml")).expect("bench config")
+}
+
+fn config_text(state: &Path) -> String {
+    format!(
+        r#"[routing]
+table = 201
+table_name = "alinat"
+mark = 0x1
+mask = 0x1
+priority = 1000
+interface = "ib0"
+gateway = "10.20.3.227"
+protocols = ["tcp"]
+[select]
+users = [4001]
+groups = [4002]
+accounts = ["alice"]
+[jobs]
+state_dir = "{}"
+"#,
+        state.display()
+    )
+}
+
+fn job(id: u32) -> Job {
+    Job {
+        id,
+        uid: UID,
+        account: Some("alice".into()),
+        node: "bench".into(),
+    }
+}
+
+/// Reaps finished children (the detached closers) without waiting.
+fn reap() {
+    while let Ok(status) = nix::sys::wait::waitpid(None, Some(nix::sys::wait::WaitPidFlag::WNOHANG))
+    {
+        if status == nix::sys::wait::WaitStatus::StillAlive {
+            break;
+        }
+    }
+}
+
+/// Runs `f` in a forked child and returns the time until the child is reaped.
+fn in_child(f: impl FnOnce() -> bool) -> Duration {
+    let start = Instant::now();
+    // SAFETY: the benchmark is single-threaded; the child runs `f` and `_exit`s.
+    match unsafe { nix::unistd::fork() }.expect("fork") {
+        nix::unistd::ForkResult::Child => {
+            let ok = f();
+            unsafe { libc::_exit(if ok { 0 } else { 1 }) }
+        }
+        nix::unistd::ForkResult::Parent { child } => {
+            let status = nix::sys::wait::waitpid(child, None).expect("waitpid");
+            assert_eq!(
+                status,
+                nix::sys::wait::WaitStatus::Exited(child, 0),
+                "child failed"
+            );
+            start.elapsed()
+        }
+    }
+}
+
+fn nft(args: &str) -> Duration {
+    let start = Instant::now();
+    let status = Command::new("nft")
+        .args(args.split(' '))
+        .status()
+        .expect("run nft");
+    assert!(status.success(), "nft {args}");
+    start.elapsed()
+}
+
+struct Stats {
+    p50: Duration,
+    p99: Duration,
+}
+
+fn stats(mut v: Vec<Duration>) -> Stats {
+    v.sort();
+    Stats {
+        p50: v[v.len() / 2],
+        p99: v[v.len() * 99 / 100],
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3} ms", d.as_secs_f64() * 1e3)
+}
+
+/// Job start and end latencies, in this process and as separate processes.
+struct Phase {
+    start_in: Vec<Duration>,
+    end_in: Vec<Duration>,
+    start_proc: Vec<Duration>,
+    end_proc: Vec<Duration>,
+}
+
+/// `RUNS` job starts and ends of one uid, so that every end removes it from the set.
+fn phase(config: &Config, first_id: u32) -> Phase {
+    let mut p = Phase {
+        start_in: Vec::new(),
+        end_in: Vec::new(),
+        start_proc: Vec::new(),
+        end_proc: Vec::new(),
+    };
+    for i in 0..RUNS as u32 {
+        let id = first_id + 2 * i;
+        let t = Instant::now();
+        jobs::start(config, &job(id)).unwrap();
+        p.start_in.push(t.elapsed());
+        let t = Instant::now();
+        jobs::end(config, id, "bench").unwrap();
+        p.end_in.push(t.elapsed());
+        p.start_proc
+            .push(in_child(|| jobs::start(config, &job(id + 1)).is_ok()));
+        p.end_proc
+            .push(in_child(|| jobs::end(config, id + 1, "bench").is_ok()));
+        reap();
+    }
+    // Let detached closers finish before the next phase.
+    std::thread::sleep(Duration::from_millis(500));
+    reap();
+    p
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "run benches/run.sh as root"
+    );
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare a network namespace");
+    // The node's fabric interface, in this private namespace (inherited by the children).
+    for cmd in [
+        "ip link set lo up",
+        "ip link add ib0 type veth peer name ib0-peer",
+        "ip addr add 10.20.1.1/16 dev ib0",
+        "ip link set ib0 up",
+        "ip link set ib0-peer up",
+    ] {
+        let ok = Command::new(cmd.split(' ').next().unwrap())
+            .args(cmd.split(' ').skip(1))
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "{cmd}");
+    }
+    // On tmpfs, like the ledger's real home (/run/slurm-egress on systemd machines).
+    let state = Path::new("/dev/shm").join(format!("slurm-egress-bench-{}", std::process::id()));
+    let config = config(&state);
+    let config_path = state.join("config.toml");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(&config_path, config_text(&state)).unwrap();
+    let apply = Command::new(env!("CARGO_BIN_EXE_slurm-egress"))
+        .args(["--config", config_path.to_str().unwrap(), "apply"])
+        .output()
+        .expect("run slurm-egress apply");
+    assert!(apply.status.success(), "{apply:?}");
+
+    let without = phase(&config, 0);
+
+    let mut watch = Command::new(env!("CARGO_BIN_EXE_slurm-egress"))
+        .args(["--config", config_path.to_str().unwrap(), "watch"])
+        .spawn()
+        .expect("start slurm-egress watch");
+    let socket = slurm_egress::watch::socket_path(&state).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "watch did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let with = phase(&config, 10 * RUNS as u32);
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(watch.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = watch.wait();
+
+    let (mut nft_add, mut nft_del) = (Vec::new(), Vec::new());
+    for _ in 0..RUNS {
+        nft_add.push(nft(&format!("add element inet {TABLE} {JOBS} {{ {UID} }}")));
+        nft_del.push(nft(&format!(
+            "delete element inet {TABLE} {JOBS} {{ {UID} }}"
+        )));
+    }
+    let _ = std::fs::remove_dir_all(&state);
+
+    let nft_add = stats(nft_add);
+    let nft_del = stats(nft_del);
+    println!("job start and end on one node, {RUNS} runs each\n");
+    println!("{:<60} {:>10} {:>10} {:>9}", "", "p50", "p99", "nft/ours");
+    let row = |name: &str, v: Vec<Duration>, nft: &Stats| {
+        let s = stats(v);
+        println!(
+            "{name:<60} {:>10} {:>10} {:>8.0}x",
+            ms(s.p50),
+            ms(s.p99),
+            nft.p99.as_secs_f64() / s.p99.as_secs_f64()
+        );
+    };
+    println!("with `slurm-egress watch` serving the set (the recommended setup):");
+    row("  job start, in the plugin", with.start_in, &nft_add);
+    row("  job end, in the plugin", with.end_in, &nft_del);
+    row(
+        "  job start, whole prolog process (fork to exit)",
+        with.start_proc,
+        &nft_add,
+    );
+    row(
+        "  job end, whole epilog process (fork to exit)",
+        with.end_proc,
+        &nft_del,
+    );
+    println!("without it (the plugin's own netlink socket, closed by a helper):");
+    row("  job start, in the plugin", without.start_in, &nft_add);
+    row("  job end, in the plugin", without.end_in, &nft_del);
+    row(
+        "  job start, whole prolog process (fork to exit)",
+        without.start_proc,
+        &nft_add,
+    );
+    row(
+        "  job end, whole epilog process (fork to exit)",
+        without.end_proc,
+        &nft_del,
+    );
+    println!("running nft, as a prolog/epilog script would:");
+    println!(
+        "{:<60} {:>10} {:>10}",
+        "  nft add element",
+        ms(nft_add.p50),
+        ms(nft_add.p99)
+    );
+    println!(
+        "{:<60} {:>10} {:>10}",
+        "  nft delete element",
+        ms(nft_del.p50),
+        ms(nft_del.p99)
+    );
+    println!("\n(nft/ours: how many times longer nft takes at p99; ledger on tmpfs)");
+}
