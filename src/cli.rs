@@ -194,9 +194,13 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 vec![ledger.read(&node.unwrap_or_else(ledger::default_node))?]
             };
             println!(
-                "{:<12} {:>10} {:>8} {:<16} {:<24} STARTED",
+                "{:<12} {:>10} {:>8} {:<16} {:<24} RUNNING",
                 "NODE", "JOB", "UID", "USER", "REASON"
             );
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or_default();
             for n in &nodes {
                 for j in &n.jobs {
                     let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(j.uid))
@@ -204,9 +208,17 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                         .flatten()
                         .map(|u| u.name)
                         .unwrap_or_else(|| "-".into());
+                    let secs = now.saturating_sub(j.started);
                     println!(
-                        "{:<12} {:>10} {:>8} {:<16} {:<24} {}",
-                        n.node, j.id, j.uid, user, j.reason, j.started
+                        "{:<12} {:>10} {:>8} {:<16} {:<24} {}h{:02}m{:02}s",
+                        n.node,
+                        j.id,
+                        j.uid,
+                        user,
+                        j.reason,
+                        secs / 3600,
+                        secs / 60 % 60,
+                        secs % 60
                     );
                 }
             }

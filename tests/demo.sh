@@ -5,6 +5,8 @@
 # everything down. Needs root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# rustup installs cargo for root here; a CI shell may not have it on PATH.
+export PATH="$HOME/.cargo/bin:$PATH"
 tests/setup.sh
 cargo build --all-targets --quiet
 exec cargo test --quiet --test demo -- --nocapture

@@ -415,3 +415,88 @@ fn seed_config_applies_as_written() {
     }
     assert_eq!(lab.tcp(w, "alise", INTERNET, "hello"), NATTED);
 }
+
+/// Set members of running jobs (recorded in the ledger) survive `apply`, and `apply` puts
+/// them back when someone flushed the set.
+#[test]
+fn running_jobs_survive_apply_and_a_flushed_set_comes_back() {
+    let lab = lab::Lab::new("ledger", 1);
+    let w = &lab.workers[0];
+    let config = lab.seed_config();
+    lab.egress_ok(w, &config, &["apply"]);
+    let other = common::uid("se-other");
+    let start = lab.egress_ok(
+        w,
+        &config,
+        &[
+            "job",
+            "start",
+            "--job-id",
+            "41",
+            "--uid",
+            &other.to_string(),
+            "--account",
+            "alice",
+            "--node",
+            "w1",
+        ],
+    );
+    assert!(start.contains("selected (account alice)"), "{start}");
+    let not = lab.egress_ok(
+        w,
+        &config,
+        &[
+            "job",
+            "start",
+            "--job-id",
+            "42",
+            "--uid",
+            &other.to_string(),
+            "--account",
+            "physics",
+            "--node",
+            "w1",
+        ],
+    );
+    assert!(not.contains("not selected"), "{not}");
+    assert_eq!(common::set_elements(&lab.net, w, "jobs"), [other].into());
+
+    assert_eq!(
+        lab.egress_ok(w, &config, &["apply"]).trim(),
+        "in sync: nothing to do"
+    );
+    assert_eq!(common::set_elements(&lab.net, w, "jobs"), [other].into());
+
+    lab.net
+        .ok(w, &["nft", "flush", "set", "inet", "slurm_egress", "jobs"]);
+    let check = lab.egress(w, &config, &["check"]);
+    assert_eq!(check.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&check.stdout).contains(&other.to_string()));
+    lab.egress_ok(w, &config, &["apply"]);
+    assert_eq!(common::set_elements(&lab.net, w, "jobs"), [other].into());
+    assert_eq!(lab.tcp(w, "se-other", INTERNET, "hello"), NATTED);
+
+    let listing = lab.egress_ok(w, &config, &["jobs", "--node", "w1"]);
+    assert!(
+        listing.contains("41") && listing.contains("account alice") && !listing.contains(" 42 "),
+        "{listing}"
+    );
+    let end = lab.egress_ok(
+        w,
+        &config,
+        &["job", "end", "--job-id", "41", "--node", "w1"],
+    );
+    assert!(end.contains("egress path off"), "{end}");
+    assert!(common::set_elements(&lab.net, w, "jobs").is_empty());
+    // An unknown job ends quietly (epilogs run where no prolog did).
+    let again = lab.egress_ok(
+        w,
+        &config,
+        &["job", "end", "--job-id", "41", "--node", "w1"],
+    );
+    assert!(again.contains("not recorded"), "{again}");
+    assert!(
+        lab.tcp(w, "se-other", INTERNET, "hello")
+            .starts_with("error=")
+    );
+}

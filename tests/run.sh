@@ -4,6 +4,8 @@
 # a real Slurm, keepalived and conntrackd inside them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# rustup installs cargo for root here; a CI shell may not have it on PATH.
+export PATH="$HOME/.cargo/bin:$PATH"
 tests/setup.sh
 # The SPANK plugin (libslurm_egress.so) must exist before the Slurm tests load it.
 cargo build --all-targets

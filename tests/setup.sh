@@ -32,4 +32,4 @@ if ((${#missing[@]})); then
     apt-get update -q
     apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
-command -v cargo >/dev/null || { echo "tests/setup.sh: cargo (Rust) is needed" >&2; exit 1; }
+PATH="$HOME/.cargo/bin:$PATH" command -v cargo >/dev/null || { echo "tests/setup.sh: cargo (Rust) is needed" >&2; exit 1; }
