@@ -124,16 +124,26 @@ pub struct Route {
     pub index: u32,
 }
 
+/// `default via 10.20.3.227` / `10.20.0.0/16`, as `ip route` writes a route's start.
+fn write_destination(
+    f: &mut fmt::Formatter<'_>,
+    to: Ipv4Net,
+    via: Option<Ipv4Addr>,
+) -> fmt::Result {
+    if to.prefix_len() == 0 {
+        f.write_str("default")?;
+    } else {
+        write!(f, "{to}")?;
+    }
+    match via {
+        Some(via) => write!(f, " via {via}"),
+        None => Ok(()),
+    }
+}
+
 impl fmt::Display for Route {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.to.prefix_len() == 0 {
-            f.write_str("default")?;
-        } else {
-            write!(f, "{}", self.to)?;
-        }
-        if let Some(via) = self.via {
-            write!(f, " via {via}")?;
-        }
+        write_destination(f, self.to, self.via)?;
         write!(f, " dev {}", self.dev)
     }
 }
@@ -351,14 +361,7 @@ impl fmt::Display for LiveRoute {
         if self.kind != RouteType::Unicast {
             write!(f, "{:?} ", self.kind)?;
         }
-        if self.to.prefix_len() == 0 {
-            f.write_str("default")?;
-        } else {
-            write!(f, "{}", self.to)?;
-        }
-        if let Some(via) = self.via {
-            write!(f, " via {via}")?;
-        }
+        write_destination(f, self.to, self.via)?;
         if let Some(index) = self.index {
             write!(f, " dev #{index}")?;
         }
@@ -373,8 +376,7 @@ pub struct Live {
     pub rules: Vec<LiveRule>,
     /// Every route in the table.
     pub routes: Vec<LiveRoute>,
-    /// What our `rt_tables.d` file says, as `"<id> <name>"` parsed back to the name when the
-    /// id matches.
+    /// The name our `rt_tables.d` file gives the table, if the file exists.
     pub table_name: Option<String>,
 }
 
