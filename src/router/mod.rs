@@ -388,6 +388,11 @@ pub async fn conntrackd_config(config: &Config) -> Result<String, Error> {
 pub fn notify(config: &Config, transition: Transition) -> Result<conntrackd::Report, Error> {
     require_root()?;
     let router = router_of(config)?;
+    if !router.sync {
+        return Err(Error::NoSync {
+            path: config.path.clone(),
+        });
+    }
     Ok(conntrackd::notify(router, transition))
 }
 
@@ -585,5 +590,45 @@ virtual_router_id = 51
             e,
             "/etc/slurm-egress/config.toml: no [router] section: this is not a NAT router's config"
         );
+    }
+
+    #[test]
+    fn the_shipped_example_is_a_router_config() {
+        let c = config(include_str!("../../slurm/router/config.toml.example"));
+        let r = c.router.unwrap();
+        assert_eq!((r.inside.as_str(), r.outside.as_str()), ("ib0", "eth9"));
+        assert_eq!(
+            r.public_ip.map(|p| p.value),
+            Some(Ipv4Addr::new(140, 181, 2, 227))
+        );
+        assert_eq!((r.priority, r.peers.len(), r.sync), (150, 2, true));
+        assert_eq!(c.routing.gateway.value, r.virtual_ip.value);
+    }
+
+    /// The notify hook finds conntrackd through <state_dir>/conntrackd.conf: the units must
+    /// write and use exactly that file, under the default state_dir.
+    #[test]
+    fn the_shipped_units_agree_with_the_notify_hook() {
+        let dir = Path::new(config::DEFAULT_ROUTER_STATE_DIR);
+        let conf = conntrackd::config_path(dir);
+        let conntrackd = include_str!("../../slurm/router/slurm-egress-conntrackd.service");
+        for want in [
+            format!("conntrackd-config --output {}\n", conf.display()),
+            format!("ExecStart=/usr/sbin/conntrackd -C {}\n", conf.display()),
+            format!("rm -f {}/conntrackd.lock\n", dir.display()),
+        ] {
+            assert!(conntrackd.contains(&want), "{want}");
+        }
+        let keepalived = include_str!("../../slurm/router/slurm-egress-keepalived.service");
+        for want in [
+            "ExecStartPre=/usr/bin/slurm-egress router release\n",
+            "ExecStopPost=/usr/bin/slurm-egress router release\n",
+            "Requires=slurm-egress-router.service\n",
+        ] {
+            assert!(keepalived.contains(want), "{want}");
+        }
+        let router = include_str!("../../slurm/router/slurm-egress-router.service");
+        assert!(router.contains("ExecStart=/usr/bin/slurm-egress router apply\n"));
+        assert!(router.contains("ExecStop=/usr/bin/slurm-egress router remove\n"));
     }
 }
