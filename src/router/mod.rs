@@ -15,11 +15,12 @@
 //! its public address and port across a failover, so it survives. Masquerade cannot offer
 //! that: the address is the dead router's own.
 //!
-//! Choices, explained in the README: every router starts as backup with `nopreempt` (a router
-//! that comes back does not take the addresses back and move every connection a second time);
-//! unicast VRRP to `peers` (no multicast needed on the fabric); conntrackd over UDP to the one
-//! peer, or multicast to several; no `use_vmac` (IPoIB has no Ethernet MAC to virtualise, and
-//! the macvlan it would create is an interface the forwarding rules do not name).
+//! Choices, explained in `slurm/router/README.md`: every router starts as backup with
+//! `nopreempt` (a router that comes back does not take the addresses back and move every
+//! connection a second time); unicast VRRP to `peers` (no multicast needed on the fabric);
+//! conntrackd over UDP to the one peer, or multicast to several; no `use_vmac` (IPoIB has no
+//! Ethernet MAC to virtualise, and the macvlan it would create is an interface the forwarding
+//! rules do not name).
 
 mod addresses;
 pub mod cli;
