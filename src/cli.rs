@@ -67,6 +67,10 @@ pub enum Command {
         #[arg(long, conflicts_with = "node")]
         all: bool,
     },
+    /// The NAT router role (needs a [router] section): forwarding and NAT, and the configs
+    /// and hooks for keepalived and conntrackd.
+    #[command(subcommand)]
+    Router(crate::router::cli::RouterCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -224,6 +228,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Router(command) => crate::router::cli::run(&cli.config, command).await,
     }
 }
 

@@ -77,6 +77,8 @@ pub struct Config {
     pub routing: Routing,
     pub select: Select,
     pub jobs: Jobs,
+    /// The NAT router role (`[router]`); `None` on a worker, where `router` commands refuse.
+    pub router: Option<Router>,
 }
 
 #[derive(Debug, Clone)]
@@ -379,6 +381,11 @@ impl Config {
             }
         };
 
+        let router = match raw.router {
+            Some(r) => Some(parse_router(r, &lines, path)?),
+            None => None,
+        };
+
         Ok(Config {
             path: path.to_owned(),
             routing: Routing {
@@ -403,6 +410,7 @@ impl Config {
                 on_error: j.on_error.unwrap_or(OnError::Drain),
                 state_dir,
             },
+            router,
         })
     }
 
@@ -414,6 +422,230 @@ impl Config {
             .any(|a| a.eq_ignore_ascii_case(account))
     }
 }
+
+// ---- [router]: the NAT router role (`slurm-egress router ...`) -------------------------------
+
+/// Where a router keeps its runtime files unless `[router] state_dir` says otherwise: the
+/// forwarding values `router apply` found, and the conntrackd config, socket and lock the
+/// shipped units and the keepalived notify hook agree on. On tmpfs, like what it describes.
+pub const DEFAULT_ROUTER_STATE_DIR: &str = "/run/slurm-egress/router";
+
+/// The router role as written. What needs the machine (do the interfaces exist, is the virtual
+/// IP on the inside subnet) is judged by [`crate::router`], using these locations.
+#[derive(Debug, Clone)]
+pub struct Router {
+    /// The fabric side: the workers and the other routers.
+    pub inside: Located<String>,
+    /// The public side.
+    pub outside: Located<String>,
+    /// The workers' `routing.gateway`, held by the VRRP master.
+    pub virtual_ip: Located<Ipv4Addr>,
+    /// The floating address on `outside` that forwarded connections are SNATed to, held by the
+    /// master too; `None`: masquerade to the router's own outside address.
+    pub public_ip: Option<Located<Ipv4Addr>>,
+    /// This router's VRRP priority, 1-254: the highest live router becomes master.
+    pub priority: u8,
+    /// The other routers' inside addresses.
+    pub peers: Vec<Located<Ipv4Addr>>,
+    /// The VRRP advertisement interval in centiseconds (VRRPv3's unit).
+    pub advert_centis: u16,
+    pub virtual_router_id: u8,
+    /// Synchronise connection state with conntrackd.
+    pub sync: bool,
+    pub state_dir: PathBuf,
+}
+
+impl Router {
+    /// The advertisement interval in seconds, as keepalived's `advert_int` takes it.
+    pub fn advert_seconds(&self) -> String {
+        let (s, c) = (self.advert_centis / 100, self.advert_centis % 100);
+        match c {
+            0 => s.to_string(),
+            c if c % 10 == 0 => format!("{s}.{}", c / 10),
+            c => format!("{s}.{c:02}"),
+        }
+    }
+}
+
+/// A name the kernel could give an interface (and that is safe in a /proc path).
+fn interface_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 15
+        && name != "."
+        && name != ".."
+        && !name.contains(|c: char| c == '/' || c == ':' || c.is_whitespace())
+}
+
+fn is_unicast(ip: Ipv4Addr) -> bool {
+    !(ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || ip.is_broadcast())
+}
+
+fn parse_router(r: raw::RawRouter, lines: &LineIndex, path: &Path) -> Result<Router, Error> {
+    let invalid =
+        |span: std::ops::Range<usize>, key: &'static str, message: String| Error::Invalid {
+            path: path.to_owned(),
+            at: lines.locate(span.start),
+            key,
+            message,
+        };
+    let located = |at: std::ops::Range<usize>| lines.locate(at.start);
+    for (name, key) in [(&r.inside, "router.inside"), (&r.outside, "router.outside")] {
+        if !interface_name_ok(name.get_ref()) {
+            return Err(invalid(
+                name.span(),
+                key,
+                format!("{:?} is not a valid interface name", name.get_ref()),
+            ));
+        }
+    }
+    if r.inside.get_ref() == r.outside.get_ref() {
+        return Err(invalid(
+            r.outside.span(),
+            "router.outside",
+            format!(
+                "{:?} is also router.inside (line {}): a router forwards between two interfaces",
+                r.outside.get_ref(),
+                located(r.inside.span()).line
+            ),
+        ));
+    }
+    let vip = *r.virtual_ip.get_ref();
+    if !is_unicast(vip) {
+        return Err(invalid(
+            r.virtual_ip.span(),
+            "router.virtual_ip",
+            format!("{vip} is not a unicast address"),
+        ));
+    }
+    if let Some(public) = &r.public_ip {
+        let ip = *public.get_ref();
+        if !is_unicast(ip) || ip == vip {
+            return Err(invalid(
+                public.span(),
+                "router.public_ip",
+                if ip == vip {
+                    format!("{ip} is also router.virtual_ip; the public address is on the outside")
+                } else {
+                    format!("{ip} is not a unicast address")
+                },
+            ));
+        }
+    }
+    let priority = *r.priority.get_ref();
+    if !(1..=254).contains(&priority) {
+        return Err(invalid(
+            r.priority.span(),
+            "router.priority",
+            format!(
+                "{priority} is out of range: use 1 to 254 (255 means the address owner in VRRP)"
+            ),
+        ));
+    }
+    let mut peers: Vec<Located<Ipv4Addr>> = Vec::new();
+    for peer in &r.peers {
+        let ip = *peer.get_ref();
+        let why = if !is_unicast(ip) {
+            Some("is not a unicast address".to_owned())
+        } else if ip == vip {
+            Some("is the virtual IP, not a router's own address".to_owned())
+        } else if r.public_ip.as_ref().is_some_and(|p| *p.get_ref() == ip) {
+            Some("is router.public_ip, not a router's inside address".to_owned())
+        } else {
+            peers
+                .iter()
+                .find(|p| p.value == ip)
+                .map(|p| format!("is listed twice (first at line {})", p.at.line))
+        };
+        if let Some(why) = why {
+            return Err(invalid(peer.span(), "router.peers", format!("{ip} {why}")));
+        }
+        peers.push(Located {
+            value: ip,
+            at: located(peer.span()),
+        });
+    }
+    let advert_centis = match &r.advert_interval {
+        None => 100,
+        Some(a) => {
+            let seconds = a.get_ref().0;
+            let centis = (seconds * 100.0).round();
+            if !seconds.is_finite() || !(1.0..=4095.0).contains(&centis) {
+                return Err(invalid(
+                    a.span(),
+                    "router.advert_interval",
+                    format!("{seconds} s is out of range: VRRPv3 allows 0.01 to 40.95 s"),
+                ));
+            }
+            if (seconds * 100.0 - centis).abs() > 1e-6 {
+                return Err(invalid(
+                    a.span(),
+                    "router.advert_interval",
+                    format!("{seconds} s is not a whole number of centiseconds (VRRPv3's unit)"),
+                ));
+            }
+            centis as u16
+        }
+    };
+    let vrid = *r.virtual_router_id.get_ref();
+    if !(1..=255).contains(&vrid) {
+        return Err(invalid(
+            r.virtual_router_id.span(),
+            "router.virtual_router_id",
+            format!("{vrid} is out of range: use 1 to 255, the same on every router"),
+        ));
+    }
+    let sync = match &r.sync {
+        Some(s) if *s.get_ref() && peers.is_empty() => {
+            return Err(invalid(
+                s.span(),
+                "router.sync",
+                "there are no router.peers to synchronise connection state with".into(),
+            ));
+        }
+        Some(s) => *s.get_ref(),
+        None => !peers.is_empty(),
+    };
+    let state_dir = match &r.state_dir {
+        None => PathBuf::from(DEFAULT_ROUTER_STATE_DIR),
+        Some(dir) => {
+            let value = PathBuf::from(dir.get_ref());
+            if !value.is_absolute() {
+                return Err(invalid(
+                    dir.span(),
+                    "router.state_dir",
+                    format!("{} must be an absolute path", value.display()),
+                ));
+            }
+            value
+        }
+    };
+    Ok(Router {
+        inside: Located {
+            at: located(r.inside.span()),
+            value: r.inside.into_inner(),
+        },
+        outside: Located {
+            at: located(r.outside.span()),
+            value: r.outside.into_inner(),
+        },
+        virtual_ip: Located {
+            at: located(r.virtual_ip.span()),
+            value: vip,
+        },
+        public_ip: r.public_ip.map(|p| Located {
+            at: located(p.span()),
+            value: p.into_inner(),
+        }),
+        priority: priority as u8,
+        peers,
+        advert_centis,
+        virtual_router_id: vrid as u8,
+        sync,
+        state_dir,
+    })
+}
+
+// ---- end of [router] -------------------------------------------------------------------------
 
 /// Byte offsets to line and column.
 struct LineIndex {
@@ -448,6 +680,7 @@ mod raw {
         pub routing: RawRouting,
         pub select: Option<RawSelect>,
         pub jobs: Option<RawJobs>,
+        pub router: Option<RawRouter>,
     }
 
     #[derive(Deserialize)]
@@ -497,6 +730,47 @@ mod raw {
     pub struct RawJobs {
         pub on_error: Option<OnError>,
         pub state_dir: Option<Spanned<String>>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct RawRouter {
+        pub inside: Spanned<String>,
+        pub outside: Spanned<String>,
+        pub virtual_ip: Spanned<Ipv4Addr>,
+        pub public_ip: Option<Spanned<Ipv4Addr>>,
+        pub priority: Spanned<i64>,
+        #[serde(default)]
+        pub peers: Vec<Spanned<Ipv4Addr>>,
+        pub advert_interval: Option<Spanned<Seconds>>,
+        pub virtual_router_id: Spanned<i64>,
+        pub sync: Option<Spanned<bool>>,
+        pub state_dir: Option<Spanned<String>>,
+    }
+
+    /// A duration in seconds, written as an integer (`1`) or a float (`0.1`).
+    pub struct Seconds(pub f64);
+
+    impl<'de> Deserialize<'de> for Seconds {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct Visitor;
+            impl de::Visitor<'_> for Visitor {
+                type Value = Seconds;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("a number of seconds, like 1 or 0.1")
+                }
+                fn visit_i64<E: de::Error>(self, v: i64) -> Result<Seconds, E> {
+                    Ok(Seconds(v as f64))
+                }
+                fn visit_u64<E: de::Error>(self, v: u64) -> Result<Seconds, E> {
+                    Ok(Seconds(v as f64))
+                }
+                fn visit_f64<E: de::Error>(self, v: f64) -> Result<Seconds, E> {
+                    Ok(Seconds(v))
+                }
+            }
+            d.deserialize_any(Visitor)
+        }
     }
 
     /// An IPv4 network written with its prefix length and no host bits: `10.20.1.5/16` is
@@ -752,5 +1026,226 @@ state_dir = "/run/egress-test"
                 .starts_with("cannot read config /nonexistent/slurm-egress.toml: "),
             "{e}"
         );
+    }
+
+    // ---- [router] ----
+
+    /// The router section as the issue writes it, after the seed site's worker sections.
+    const ROUTER: &str = r#"
+[router]
+inside = "ib0"                      # fabric side: the workers and the other routers
+outside = "eth9"                    # public side
+virtual_ip = "10.20.3.227"          # the workers' routing.gateway; must be in inside's subnet
+public_ip = "140.181.2.227"         # optional floating SNAT address on outside; masquerade if absent
+priority = 150                      # this router's VRRP priority, 1..=254
+peers = ["10.20.3.1", "10.20.3.2"]  # the other routers' inside addresses (unicast VRRP, conntrackd)
+advert_interval = 1.0               # seconds, sub-second allowed
+virtual_router_id = 51              # 1..=255, the same on every router
+sync = true                         # synchronise connection state with conntrackd
+"#;
+
+    fn router_with(from: &str, to: &str) -> String {
+        assert!(ROUTER.contains(from), "{from:?} not in the router section");
+        format!("{SEED}{}", ROUTER.replacen(from, to, 1))
+    }
+
+    #[test]
+    fn router_section_is_accepted_as_written() {
+        assert!(parse(SEED).unwrap().router.is_none());
+        let c = parse(&format!("{SEED}{ROUTER}")).unwrap();
+        let r = c.router.unwrap();
+        let first = SEED.lines().count() + 1; // the blank line that starts ROUTER
+        assert_eq!((r.inside.as_str(), r.outside.as_str()), ("ib0", "eth9"));
+        assert_eq!(r.inside.at.line, first + 2);
+        assert_eq!(*r.virtual_ip, Ipv4Addr::new(10, 20, 3, 227));
+        assert_eq!(
+            r.public_ip.as_ref().map(|p| p.value),
+            Some(Ipv4Addr::new(140, 181, 2, 227))
+        );
+        assert_eq!((r.priority, r.virtual_router_id), (150, 51));
+        let peers: Vec<Ipv4Addr> = r.peers.iter().map(|p| p.value).collect();
+        assert_eq!(
+            peers,
+            [Ipv4Addr::new(10, 20, 3, 1), Ipv4Addr::new(10, 20, 3, 2)]
+        );
+        assert_eq!(r.peers[1].at.line, first + 7);
+        assert_eq!((r.advert_centis, r.advert_seconds().as_str()), (100, "1"));
+        assert!(r.sync);
+        assert_eq!(r.state_dir, Path::new(DEFAULT_ROUTER_STATE_DIR));
+    }
+
+    #[test]
+    fn router_defaults_and_intervals() {
+        let minimal = "[router]\ninside = \"ib0\"\noutside = \"eth9\"\n\
+                       virtual_ip = \"10.20.3.227\"\npriority = 100\nvirtual_router_id = 7\n";
+        let r = parse(&format!("{SEED}{minimal}")).unwrap().router.unwrap();
+        assert!(r.public_ip.is_none() && r.peers.is_empty());
+        assert_eq!(r.advert_centis, 100);
+        assert!(!r.sync, "no peers: nothing to synchronise with");
+        let r = parse(&format!(
+            "{SEED}{minimal}peers = [\"10.20.3.2\"]\nstate_dir = \"/run/x\"\n"
+        ))
+        .unwrap()
+        .router
+        .unwrap();
+        assert!(r.sync, "sync is on by default when there are peers");
+        assert_eq!(r.state_dir, Path::new("/run/x"));
+        for (written, centis, seconds) in [
+            ("0.1", 10, "0.1"),
+            ("1", 100, "1"),
+            ("0.05", 5, "0.05"),
+            ("2.5", 250, "2.5"),
+            ("40.95", 4095, "40.95"),
+        ] {
+            let text = router_with(
+                "advert_interval = 1.0",
+                &format!("advert_interval = {written}"),
+            );
+            let r = parse(&text).unwrap().router.unwrap();
+            assert_eq!(
+                (r.advert_centis, r.advert_seconds().as_str()),
+                (centis, seconds)
+            );
+        }
+    }
+
+    #[test]
+    fn router_errors_name_the_key_and_line() {
+        let first = SEED.lines().count() + 1; // the blank line that starts ROUTER
+        let sync_off = "sync = false ";
+        for (from, to, key, line, why) in [
+            (
+                "outside = \"eth9\"",
+                "outside = \"ib0\"",
+                "router.outside",
+                3,
+                "is also router.inside",
+            ),
+            (
+                "inside = \"ib0\"",
+                "inside = \"ib 0\"",
+                "router.inside",
+                2,
+                "not a valid interface",
+            ),
+            (
+                "outside = \"eth9\"",
+                "outside = \"../x\"",
+                "router.outside",
+                3,
+                "not a valid interface",
+            ),
+            (
+                "\"10.20.3.227\"",
+                "\"224.0.0.18\"",
+                "router.virtual_ip",
+                4,
+                "not a unicast",
+            ),
+            (
+                "\"140.181.2.227\"",
+                "\"10.20.3.227\"",
+                "router.public_ip",
+                5,
+                "is also router.virtual_ip",
+            ),
+            (
+                "priority = 150",
+                "priority = 255",
+                "router.priority",
+                6,
+                "out of range: use 1 to 254",
+            ),
+            (
+                "priority = 150",
+                "priority = 0",
+                "router.priority",
+                6,
+                "out of range",
+            ),
+            (
+                "\"10.20.3.2\"]",
+                "\"10.20.3.1\"]",
+                "router.peers",
+                7,
+                "listed twice (first at line",
+            ),
+            (
+                "\"10.20.3.2\"]",
+                "\"10.20.3.227\"]",
+                "router.peers",
+                7,
+                "is the virtual IP",
+            ),
+            (
+                "advert_interval = 1.0",
+                "advert_interval = 0.005",
+                "router.advert_interval",
+                8,
+                "centiseconds",
+            ),
+            (
+                "advert_interval = 1.0",
+                "advert_interval = 0",
+                "router.advert_interval",
+                8,
+                "out of range",
+            ),
+            (
+                "advert_interval = 1.0",
+                "advert_interval = 41",
+                "router.advert_interval",
+                8,
+                "0.01 to 40.95",
+            ),
+            (
+                "virtual_router_id = 51",
+                "virtual_router_id = 256",
+                "router.virtual_router_id",
+                9,
+                "1 to 255",
+            ),
+            (
+                "virtual_router_id = 51",
+                "virtual_router_id = 0",
+                "router.virtual_router_id",
+                9,
+                "1 to 255",
+            ),
+            (
+                "peers = [\"10.20.3.1\", \"10.20.3.2\"]",
+                "peers = []",
+                "router.sync",
+                10,
+                "no router.peers",
+            ),
+        ] {
+            let e = error(&router_with(from, to));
+            assert!(
+                e.starts_with(&format!("/etc/slurm-egress/config.toml:{}:", first + line)),
+                "{from} -> {to}: {e}"
+            );
+            assert!(
+                e.contains(&format!(": {key}: ")) && e.contains(why),
+                "{from} -> {to}: {e}"
+            );
+        }
+        let e = error(&format!("{SEED}{}state_dir = \"run\"\n", ROUTER));
+        assert!(
+            e.contains("router.state_dir: run must be an absolute path"),
+            "{e}"
+        );
+        let e = error(&router_with("sync = true", sync_off.trim()).replace("priority", "priorty"));
+        assert!(e.contains("unknown field `priorty`"), "{e}");
+        let e = error(&router_with(
+            "advert_interval = 1.0",
+            "advert_interval = \"fast\"",
+        ));
+        assert!(e.contains("a number of seconds"), "{e}");
+        let e = error(&router_with(
+            "virtual_ip = \"10.20.3.227\"",
+            "virtual_ip = \"10.20.3\"",
+        ));
+        assert!(e.contains(&format!("line {}", first + 4)), "{e}");
     }
 }

@@ -7,6 +7,7 @@ pub mod jobs;
 pub mod ledger;
 pub mod netfilter;
 pub mod node;
+pub mod router;
 pub mod routing;
 pub mod selection;
 pub mod spank;

@@ -322,6 +322,9 @@ pub enum Match {
     IifName(String),
     /// `oifname "eth9"` (exact name).
     OifName(String),
+    /// `ip daddr 203.0.113.5`: an IPv4 packet to this address (in an `inet` table, IPv6
+    /// packets do not match).
+    IpDaddr(Ipv4Addr),
 }
 
 /// An action.
@@ -397,6 +400,7 @@ impl fmt::Display for Match {
             Match::SkGidIn(set) => write!(f, "meta skgid @{set}"),
             Match::IifName(name) => write!(f, "iifname \"{name}\""),
             Match::OifName(name) => write!(f, "oifname \"{name}\""),
+            Match::IpDaddr(addr) => write!(f, "ip daddr {addr}"),
         }
     }
 }

@@ -8,6 +8,7 @@
 #![allow(dead_code)] // each test binary uses part of the harness
 
 pub mod cluster;
+pub mod ha;
 pub mod lab;
 pub mod netns;
 
