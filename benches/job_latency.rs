@@ -118,6 +118,33 @@ fn ms(d: Duration) -> String {
     format!("{:.3} ms", d.as_secs_f64() * 1e3)
 }
 
+/// Moves this process into a network namespace and a mount namespace of its own, with a
+/// private copy of /etc/iproute2 (where `apply` registers the table name), the way
+/// `ip netns exec` does: nothing of the machine's is touched.
+fn private_namespaces(etc: &Path) {
+    use nix::mount::{MsFlags, mount};
+    use nix::sched::{CloneFlags, unshare};
+    unshare(CloneFlags::CLONE_NEWNET | CloneFlags::CLONE_NEWNS).expect("unshare namespaces");
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .expect("make mounts private");
+    std::fs::create_dir_all(etc.join("rt_tables.d")).unwrap();
+    std::fs::copy("/etc/iproute2/rt_tables", etc.join("rt_tables")).unwrap();
+    mount(
+        Some(etc),
+        "/etc/iproute2",
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .expect("bind a private /etc/iproute2");
+}
+
 /// Job start and end latencies, in this process and as separate processes.
 struct Phase {
     start_in: Vec<Duration>,
@@ -162,7 +189,9 @@ fn main() {
         nix::unistd::geteuid().is_root(),
         "run benches/run.sh as root"
     );
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare a network namespace");
+    // On tmpfs, like the ledger's real home (/run/slurm-egress on systemd machines).
+    let state = Path::new("/dev/shm").join(format!("slurm-egress-bench-{}", std::process::id()));
+    private_namespaces(&state.join("iproute2"));
     // The node's fabric interface, in this private namespace (inherited by the children).
     for cmd in [
         "ip link set lo up",
@@ -177,8 +206,6 @@ fn main() {
             .is_ok_and(|s| s.success());
         assert!(ok, "{cmd}");
     }
-    // On tmpfs, like the ledger's real home (/run/slurm-egress on systemd machines).
-    let state = Path::new("/dev/shm").join(format!("slurm-egress-bench-{}", std::process::id()));
     let config = config(&state);
     let config_path = state.join("config.toml");
     std::fs::create_dir_all(&state).unwrap();

@@ -5,9 +5,12 @@ use slurm_egress::cli::{self, Cli};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let level = match cli.verbose {
-        0 => "warn",
-        1 => "info",
+    // The daemon says what it does by default; one-shot commands print their results and
+    // only log problems.
+    let daemon = matches!(cli.command, cli::Command::Watch { .. });
+    let level = match (cli.verbose, daemon) {
+        (0, false) => "warn",
+        (0, true) | (1, _) => "info",
         _ => "debug",
     };
     tracing_subscriber::fmt()

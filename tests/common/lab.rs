@@ -107,6 +107,8 @@ impl Lab {
             let etc = PathBuf::from("/etc/netns").join(&w);
             std::fs::create_dir_all(&etc).unwrap();
             ok(&["cp", "-a", "/etc/iproute2", etc.to_str().unwrap()]);
+            // A clean start, whatever the machine's own copy holds.
+            let _ = std::fs::remove_file(etc.join("iproute2/rt_tables.d/slurm-egress.conf"));
             names.push(w);
         }
         for host in [&gw, &nat] {
