@@ -151,14 +151,14 @@ virtual_router_id = 51
     #[test]
     fn seed_router_with_sync() {
         let hook = Hook {
-            exe: "/usr/bin/slurm-egress".into(),
+            exe: "/usr/sbin/slurm-egress".into(),
             config: "/etc/slurm-egress/config.toml".into(),
         };
         let text = config(&setup(TOML), Some(&hook), "alinat1");
         assert!(
             text.starts_with("# keepalived.conf of the slurm-egress NAT router alinat1, made by\n")
         );
-        let notify = "/usr/bin/slurm-egress --config /etc/slurm-egress/config.toml router notify";
+        let notify = "/usr/sbin/slurm-egress --config /etc/slurm-egress/config.toml router notify";
         assert_eq!(
             body(&text),
             [

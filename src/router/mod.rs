@@ -622,14 +622,14 @@ virtual_router_id = 51
         }
         let keepalived = include_str!("../../slurm/router/slurm-egress-keepalived.service");
         for want in [
-            "ExecStartPre=/usr/bin/slurm-egress router release\n",
-            "ExecStopPost=/usr/bin/slurm-egress router release\n",
+            "ExecStartPre=/usr/sbin/slurm-egress router release\n",
+            "ExecStopPost=/usr/sbin/slurm-egress router release\n",
             "Requires=slurm-egress-router.service\n",
         ] {
             assert!(keepalived.contains(want), "{want}");
         }
         let router = include_str!("../../slurm/router/slurm-egress-router.service");
-        assert!(router.contains("ExecStart=/usr/bin/slurm-egress router apply\n"));
-        assert!(router.contains("ExecStop=/usr/bin/slurm-egress router remove\n"));
+        assert!(router.contains("ExecStart=/usr/sbin/slurm-egress router apply\n"));
+        assert!(router.contains("ExecStop=/usr/sbin/slurm-egress router remove\n"));
     }
 }
