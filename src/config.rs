@@ -366,20 +366,7 @@ impl Config {
         };
 
         let j = raw.jobs.unwrap_or_default();
-        let state_dir = match j.state_dir {
-            None => PathBuf::from(DEFAULT_STATE_DIR),
-            Some(dir) => {
-                let path_value = PathBuf::from(dir.get_ref());
-                if !path_value.is_absolute() {
-                    return Err(invalid(
-                        dir.span(),
-                        "jobs.state_dir",
-                        format!("{} must be an absolute path", path_value.display()),
-                    ));
-                }
-                path_value
-            }
-        };
+        let state_dir = state_dir(j.state_dir, DEFAULT_STATE_DIR, "jobs.state_dir", &invalid)?;
 
         let router = match raw.router {
             Some(r) => Some(parse_router(r, &lines, path)?),
@@ -605,20 +592,12 @@ fn parse_router(r: raw::RawRouter, lines: &LineIndex, path: &Path) -> Result<Rou
         Some(s) => *s.get_ref(),
         None => !peers.is_empty(),
     };
-    let state_dir = match &r.state_dir {
-        None => PathBuf::from(DEFAULT_ROUTER_STATE_DIR),
-        Some(dir) => {
-            let value = PathBuf::from(dir.get_ref());
-            if !value.is_absolute() {
-                return Err(invalid(
-                    dir.span(),
-                    "router.state_dir",
-                    format!("{} must be an absolute path", value.display()),
-                ));
-            }
-            value
-        }
-    };
+    let state_dir = state_dir(
+        r.state_dir.clone(),
+        DEFAULT_ROUTER_STATE_DIR,
+        "router.state_dir",
+        &invalid,
+    )?;
     Ok(Router {
         inside: Located {
             at: located(r.inside.span()),
@@ -646,6 +625,28 @@ fn parse_router(r: raw::RawRouter, lines: &LineIndex, path: &Path) -> Result<Rou
 }
 
 // ---- end of [router] -------------------------------------------------------------------------
+
+/// A state directory as written, or `default`; it must be absolute (a relative one would
+/// depend on the directory slurmd or systemd happened to start us in).
+fn state_dir(
+    written: Option<Spanned<String>>,
+    default: &str,
+    key: &'static str,
+    invalid: &impl Fn(std::ops::Range<usize>, &'static str, String) -> Error,
+) -> Result<PathBuf, Error> {
+    let Some(dir) = written else {
+        return Ok(PathBuf::from(default));
+    };
+    let value = PathBuf::from(dir.get_ref());
+    if !value.is_absolute() {
+        return Err(invalid(
+            dir.span(),
+            key,
+            format!("{} must be an absolute path", value.display()),
+        ));
+    }
+    Ok(value)
+}
 
 /// Byte offsets to line and column.
 struct LineIndex {

@@ -115,30 +115,8 @@ pub fn config(setup: &Setup, hook: Option<&Hook>, host: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::setup;
+    use super::super::tests::{TOML, setup};
     use super::*;
-
-    const TOML: &str = r#"
-[routing]
-table = 201
-table_name = "alinat"
-mark = 0x1
-mask = 0x1
-priority = 1000
-interface = "ib0"
-gateway = "10.20.3.227"
-protocols = ["tcp"]
-
-[router]
-inside = "ib0"
-outside = "eth9"
-virtual_ip = "10.20.3.227"
-public_ip = "140.181.2.227"
-priority = 150
-peers = ["10.20.3.2", "10.20.3.3"]
-advert_interval = 0.1
-virtual_router_id = 51
-"#;
 
     fn body(text: &str) -> Vec<String> {
         text.lines()

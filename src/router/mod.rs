@@ -428,7 +428,8 @@ pub fn write_file(path: &Path, text: &str) -> Result<(), Error> {
 mod tests {
     use super::*;
 
-    const TOML: &str = r#"
+    /// A router of the seed site, with two peers, for this module's tests and its submodules'.
+    pub(super) const TOML: &str = r#"
 [routing]
 table = 201
 table_name = "alinat"

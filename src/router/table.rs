@@ -116,29 +116,8 @@ pub fn table(r: &config::Router) -> Table {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::config;
+    use super::super::tests::{TOML, config};
     use super::*;
-
-    const TOML: &str = r#"
-[routing]
-table = 201
-table_name = "alinat"
-mark = 0x1
-mask = 0x1
-priority = 1000
-interface = "ib0"
-gateway = "10.20.3.227"
-protocols = ["tcp"]
-
-[router]
-inside = "ib0"
-outside = "eth9"
-virtual_ip = "10.20.3.227"
-public_ip = "140.181.2.227"
-priority = 150
-peers = ["10.20.3.2"]
-virtual_router_id = 51
-"#;
 
     #[test]
     fn floating_public_address() {
