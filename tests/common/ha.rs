@@ -297,27 +297,19 @@ impl Ha {
     }
 
     pub fn router_ok(&self, i: usize, args: &[&str]) -> String {
-        let out = self.router_cmd(i, args);
-        assert!(
-            out.status.success(),
-            "r{i}: slurm-egress {args:?} failed ({}):\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        super::succeeded(
+            self.router_cmd(i, args),
+            &format!("r{i}: slurm-egress {args:?}"),
+        )
     }
 
     pub fn worker_ok(&self, args: &[&str]) -> String {
         let mut all = vec![BIN, "--config", self.worker_config.to_str().unwrap()];
         all.extend_from_slice(args);
-        let out = self.net.exec(&self.worker, &all);
-        assert!(
-            out.status.success(),
-            "worker: slurm-egress {args:?} failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        super::succeeded(
+            self.net.exec(&self.worker, &all),
+            &format!("worker: slurm-egress {args:?}"),
+        )
     }
 
     /// Starts conntrackd (with sync) and keepalived on router i, as the shipped units do:

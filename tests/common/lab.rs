@@ -212,15 +212,10 @@ accounts = ["alice"]"#,
 
     /// Like [`Lab::egress`], but must exit 0; returns stdout.
     pub fn egress_ok(&self, w: &str, config: &std::path::Path, args: &[&str]) -> String {
-        let out = self.egress(w, config, args);
-        assert!(
-            out.status.success(),
-            "slurm-egress {args:?} failed ({}):\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        super::succeeded(
+            self.egress(w, config, args),
+            &format!("slurm-egress {args:?}"),
+        )
     }
 
     /// A TCP exchange from worker `w` as `user` to `host`; the probe's one-line answer.

@@ -42,10 +42,15 @@ pub fn run(args: &[&str]) -> Output {
 
 /// Runs a command that must succeed and returns its stdout.
 pub fn ok(args: &[&str]) -> String {
-    let out = run(args);
+    succeeded(run(args), &format!("{args:?}"))
+}
+
+/// The stdout of a command that must have succeeded; otherwise fails the test with
+/// everything it said.
+pub fn succeeded(out: Output, what: &str) -> String {
     assert!(
         out.status.success(),
-        "{args:?} failed ({}):\n{}{}",
+        "{what} failed ({}):\n{}{}",
         out.status,
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)

@@ -6,7 +6,6 @@ use slurm_egress::netfilter::*;
 use slurm_egress::selection::Selection;
 use std::io;
 use std::net::Ipv4Addr;
-use std::process::Command;
 
 /// Runs `f` on a thread that has been moved into a fresh, unnamed network namespace; the
 /// namespace disappears with the thread, also when `f` panics. Never runs `f` in the
@@ -45,13 +44,9 @@ pub fn join_netns(fd: &std::fs::File) {
 
 /// Runs `nft` (observing or tampering only) in the calling thread's namespace.
 pub fn nft(args: &[&str]) -> String {
-    let out = Command::new("nft").args(args).output().expect("run nft");
-    assert!(
-        out.status.success(),
-        "nft {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("nft output is UTF-8")
+    let mut all = vec!["nft"];
+    all.extend_from_slice(args);
+    super::ok(&all)
 }
 
 pub const MARK: u32 = 0x1;
