@@ -71,7 +71,11 @@ pub struct Net {
 impl Net {
     pub fn new(tag: &str) -> Net {
         require_root();
-        let prefix = format!("se-{tag}-");
+        // `SE_TEST_NS` keeps the namespaces of two checkouts tested at once apart.
+        let prefix = format!(
+            "se-{}{tag}-",
+            std::env::var("SE_TEST_NS").unwrap_or_default()
+        );
         // Leftovers of an earlier, killed run of this very test.
         if let Ok(entries) = std::fs::read_dir("/run/netns") {
             for e in entries.flatten() {
