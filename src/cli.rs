@@ -198,8 +198,8 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 vec![ledger.read(&node.unwrap_or_else(ledger::default_node))?]
             };
             println!(
-                "{:<12} {:>10} {:>8} {:<16} {:<24} RUNNING",
-                "NODE", "JOB", "UID", "USER", "REASON"
+                "{:<12} {:>10} {:>8} {:<16} {:<24} {:<11} CGROUP",
+                "NODE", "JOB", "UID", "USER", "REASON", "RUNNING"
             );
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -213,16 +213,12 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                         .map(|u| u.name)
                         .unwrap_or_else(|| "-".into());
                     let secs = now.saturating_sub(j.started);
+                    let running =
+                        format!("{}h{:02}m{:02}s", secs / 3600, secs / 60 % 60, secs % 60);
+                    let cgroup = j.cgroup.as_ref().map_or("-", |c| c.path.as_str());
                     println!(
-                        "{:<12} {:>10} {:>8} {:<16} {:<24} {}h{:02}m{:02}s",
-                        n.node,
-                        j.id,
-                        j.uid,
-                        user,
-                        j.reason,
-                        secs / 3600,
-                        secs / 60 % 60,
-                        secs % 60
+                        "{:<12} {:>10} {:>8} {:<16} {:<24} {running:<11} {cgroup}",
+                        n.node, j.id, j.uid, user, j.reason,
                     );
                 }
             }
@@ -258,18 +254,7 @@ fn job(config: &Config, command: JobCommand) -> Result<ExitCode, Box<dyn std::er
         JobCommand::End { job_id, node } => {
             let node = node.unwrap_or_else(ledger::default_node);
             let outcome = jobs::end(config, job_id, &node).map(|ended| match ended {
-                Ended::Removed {
-                    uid,
-                    released: true,
-                } => {
-                    format!("job {job_id}: ended; uid {uid} egress path off")
-                }
-                Ended::Removed {
-                    uid,
-                    released: false,
-                } => format!(
-                    "job {job_id}: ended; uid {uid} keeps the egress path for its other jobs"
-                ),
+                Ended::Removed { .. } => format!("job {job_id}: ended; {}", ended.summary()),
                 Ended::NotTracked => format!("job {job_id}: not recorded on {node}"),
             });
             ("end", outcome)

@@ -151,7 +151,24 @@ pub struct Select {
     pub users: Vec<Located<Principal>>,
     pub groups: Vec<Located<Principal>>,
     pub accounts: Vec<String>,
+    pub by: By,
 }
+
+/// What the node marks for a selected job.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum By {
+    /// The job owner's uid: every process of that user on the node, while the job runs
+    /// (and, for `users`/`groups`, always).
+    #[default]
+    Uid,
+    /// The job's cgroup v2: exactly the processes of the selected jobs. `parent` is where the
+    /// plugin makes a cgroup per job when Slurm gives jobs none in the cgroup v2 hierarchy,
+    /// relative to its root, without leading or trailing `/` (`slurm-egress`).
+    Cgroup { parent: String },
+}
+
+/// Where per-job cgroups go unless `select.cgroup_parent` says otherwise.
+pub const DEFAULT_CGROUP_PARENT: &str = "slurm-egress";
 
 #[derive(Debug, Clone)]
 pub struct Jobs {
@@ -355,7 +372,33 @@ impl Config {
                 ));
             }
         }
+        let by = match (s.by.as_ref().map(|b| b.get_ref().as_str()), s.cgroup_parent) {
+            (None | Some("uid"), None) => By::Uid,
+            (None | Some("uid"), Some(parent)) => {
+                return Err(invalid(
+                    parent.span(),
+                    "select.cgroup_parent",
+                    "only used with by = \"cgroup\"".to_owned(),
+                ));
+            }
+            (Some("cgroup"), parent) => By::Cgroup {
+                parent: match parent {
+                    None => DEFAULT_CGROUP_PARENT.to_owned(),
+                    Some(p) => cgroup_parent(p.get_ref())
+                        .map_err(|m| invalid(p.span(), "select.cgroup_parent", m.to_owned()))?,
+                },
+            },
+            (Some(other), _) => {
+                let span = s.by.as_ref().map(|b| b.span()).unwrap_or_default();
+                return Err(invalid(
+                    span,
+                    "select.by",
+                    format!("{other:?} is neither \"uid\" nor \"cgroup\""),
+                ));
+            }
+        };
         let select = Select {
+            by,
             users: locate_all(s.users),
             groups: locate_all(s.groups),
             accounts: s
@@ -408,6 +451,20 @@ impl Config {
             .iter()
             .any(|a| a.eq_ignore_ascii_case(account))
     }
+}
+
+/// A `cgroup_parent` as written, checked: a path below the cgroup v2 root, made of plain names.
+fn cgroup_parent(written: &str) -> Result<String, &'static str> {
+    let parent = written.trim_matches('/');
+    let plain = |c: &str| {
+        !c.is_empty() && c != "." && c != ".." && !c.starts_with("cgroup.") && !c.contains('\n')
+    };
+    if parent.is_empty() || !parent.split('/').all(plain) {
+        return Err(
+            "a path below the cgroup v2 root, like \"slurm-egress\" (no \"..\", not the root)",
+        );
+    }
+    Ok(parent.to_owned())
 }
 
 // ---- [router]: the NAT router role (`slurm-egress router ...`) -------------------------------
@@ -724,6 +781,8 @@ mod raw {
         pub groups: Vec<Spanned<Principal>>,
         #[serde(default)]
         pub accounts: Vec<Spanned<String>>,
+        pub by: Option<Spanned<String>>,
+        pub cgroup_parent: Option<Spanned<String>>,
     }
 
     #[derive(Deserialize, Default)]
@@ -987,6 +1046,30 @@ state_dir = "/run/egress-test"
                 "select.accounts",
                 22,
             ),
+            (
+                "accounts = [\"alice\"]",
+                "accounts = [\"alice\"]\nby = \"gid\"",
+                "select.by",
+                23,
+            ),
+            (
+                "accounts = [\"alice\"]",
+                "accounts = [\"alice\"]\ncgroup_parent = \"x\"",
+                "select.cgroup_parent",
+                23,
+            ),
+            (
+                "accounts = [\"alice\"]",
+                "accounts = [\"alice\"]\nby = \"cgroup\"\ncgroup_parent = \"a/../b\"",
+                "select.cgroup_parent",
+                24,
+            ),
+            (
+                "accounts = [\"alice\"]",
+                "accounts = [\"alice\"]\nby = \"cgroup\"\ncgroup_parent = \"/\"",
+                "select.cgroup_parent",
+                24,
+            ),
         ] {
             let e = error(&seed_with(from, to));
             assert!(
@@ -995,6 +1078,33 @@ state_dir = "/run/egress-test"
             );
             assert!(e.contains(&format!(": {key}: ")), "{from} -> {to}: {e}");
         }
+    }
+
+    #[test]
+    fn select_by_cgroup() {
+        assert_eq!(parse(SEED).unwrap().select.by, By::Uid);
+        let with = |extra: &str| {
+            parse(&seed_with(
+                "accounts = [\"alice\"]",
+                &format!("accounts = [\"alice\"]\n{extra}"),
+            ))
+            .unwrap()
+            .select
+            .by
+        };
+        assert_eq!(
+            with("by = \"cgroup\""),
+            By::Cgroup {
+                parent: DEFAULT_CGROUP_PARENT.into()
+            }
+        );
+        assert_eq!(
+            with("by = \"cgroup\"\ncgroup_parent = \"/site/egress/\""),
+            By::Cgroup {
+                parent: "site/egress".into()
+            }
+        );
+        assert_eq!(with("by = \"uid\""), By::Uid);
     }
 
     #[test]

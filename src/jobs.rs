@@ -2,6 +2,11 @@
 //! whether the job is selected, then change the node's ledger and the `jobs` set together,
 //! under the ledger lock.
 //!
+//! With `by = "cgroup"` the decision is still made at job start, from slurmd's environment
+//! (the only trustworthy place), and recorded; the job's cgroup only exists once its tasks
+//! start, so [`attach`], run in each task before it execs, puts the task in the job's cgroup
+//! and adds that cgroup to the set, learning from the ledger whether the job was selected.
+//!
 //! Synchronous on purpose: this runs inside slurmd's prolog and epilog processes, where
 //! threads and async runtimes have no place.
 //!
@@ -13,11 +18,13 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::config::Config;
+use crate::cgroup::{self, Hierarchy, JobCgroup};
+use crate::config::{By, Config};
 use crate::ledger::{self, Ledger};
 use crate::netfilter::{self, Netfilter};
-use crate::selection::{self, Reason};
-use crate::watch::{self, SetChange};
+use crate::node;
+use crate::selection::{self, Reason, Selection};
+use crate::watch::{self, Member, SetChange};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -29,6 +36,13 @@ pub enum Error {
     Netfilter(#[from] netfilter::Error),
     #[error("slurm-egress watch could not change the set: {0} (is the node policy applied?)")]
     Watch(String),
+    #[error(transparent)]
+    Cgroup(#[from] cgroup::Error),
+    #[error(
+        "no nftables table inet {} here: run `slurm-egress apply`",
+        node::TABLE
+    )]
+    NotApplied,
 }
 
 /// A job starting on a node, as slurmd describes it.
@@ -53,11 +67,48 @@ pub enum Started {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ended {
-    /// The job was selected; `released` says whether its owner left the set (no other
-    /// selected job of theirs runs here).
-    Removed { uid: u32, released: bool },
+    /// The job was selected; `released` says whether its set member left the set (with
+    /// `by = "uid"`, not while another selected job of the owner runs here); `moved` counts
+    /// the processes it left in its own cgroup, which were moved out.
+    Removed {
+        uid: u32,
+        released: bool,
+        moved: usize,
+    },
     /// The job was not in the ledger: not selected, or already ended.
     NotTracked,
+}
+
+impl Ended {
+    /// What happened, for logs: "uid 1001 egress path off".
+    pub fn summary(&self) -> String {
+        let Ended::Removed {
+            uid,
+            released,
+            moved,
+        } = self
+        else {
+            return "not recorded here".to_owned();
+        };
+        let mut line = if *released {
+            format!("uid {uid} egress path off")
+        } else {
+            format!("uid {uid} keeps the egress path for its other selected jobs")
+        };
+        if *moved > 0 {
+            line += &format!("; {moved} processes it left behind moved out of its cgroup");
+        }
+        line
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Attached {
+    /// The task is in the job's cgroup; `first` says whether this task recorded it and put
+    /// it in the set.
+    Joined { cgroup: JobCgroup, first: bool },
+    /// The job is not in this node's ledger: not selected (or `by = "uid"`).
+    NotSelected,
 }
 
 /// Records a starting job and gives its owner the egress path if it is selected. On any
@@ -80,9 +131,14 @@ pub fn start(config: &Config, job: &Job) -> Result<Started, Error> {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or_default(),
+        cgroup: None,
     });
     ledger.write(&mut node)?;
-    if let Err(e) = change_set(config, SetChange::Add(job.uid)) {
+    // By cgroup, the set changes when the first task joins the job's cgroup.
+    if config.select.by != By::Uid {
+        return Ok(Started::Selected(reason));
+    }
+    if let Err(e) = change_set(config, SetChange::Add(Member::Uid(job.uid))) {
         // Undo the record, so that the ledger never promises what the set does not hold.
         let mut before = before;
         ledger.write(&mut before)?;
@@ -91,8 +147,9 @@ pub fn start(config: &Config, job: &Job) -> Result<Started, Error> {
     Ok(Started::Selected(reason))
 }
 
-/// Forgets an ending job; its owner leaves the set when no other selected job of theirs runs
-/// on any node in this network namespace.
+/// Forgets an ending job. By uid, its owner leaves the set when no other selected job of
+/// theirs runs on any node in this network namespace; by cgroup, its cgroup leaves the set,
+/// and the cgroup is removed if slurm-egress made it.
 pub fn end(config: &Config, id: u32, node_name: &str) -> Result<Ended, Error> {
     let ledger = Ledger::lock(&config.jobs.state_dir)?;
     let mut node = ledger.read(node_name)?;
@@ -101,14 +158,107 @@ pub fn end(config: &Config, id: u32, node_name: &str) -> Result<Ended, Error> {
     };
     let job = node.jobs.remove(at);
     ledger.write(&mut node)?;
-    let released = !ledger.uids_here()?.contains(&job.uid);
-    if released {
-        change_set(config, SetChange::Remove(job.uid))?;
-    }
+    let running = ledger.running_here()?;
+    let mut moved = 0;
+    let released = match (&config.select.by, &job.cgroup) {
+        (By::Uid, _) if !running.uids.contains(&job.uid) => {
+            change_set(config, SetChange::Remove(Member::Uid(job.uid)))?;
+            true
+        }
+        (By::Uid, _) => false,
+        // No task ever started here: nothing to take back.
+        (By::Cgroup { .. }, None) => true,
+        (By::Cgroup { .. }, Some(c)) => {
+            // The same job on another node of this namespace (a second slurmd) still runs
+            // in it.
+            if !running.cgroups.contains(&c.id) {
+                change_set(config, SetChange::Remove(Member::Cgroup(c.id)))?;
+            }
+            let elsewhere = ledger
+                .all()?
+                .iter()
+                .flat_map(|n| &n.jobs)
+                .any(|j| j.cgroup.as_ref().is_some_and(|o| o.id == c.id));
+            if c.own && !elsewhere {
+                moved = Hierarchy::find()?.release(&c.path)?;
+            }
+            true
+        }
+    };
     Ok(Ended::Removed {
         uid: job.uid,
         released,
+        moved,
     })
+}
+
+/// Called in each task of a job as it starts (root, before exec): if the job was selected on
+/// this node, puts the task in the job's cgroup, and the first task puts that cgroup in the
+/// set. With `by = "uid"` it does nothing.
+pub fn attach(config: &Config, job_id: u32) -> Result<Attached, Error> {
+    let By::Cgroup { parent } = &config.select.by else {
+        return Ok(Attached::NotSelected);
+    };
+    let ledger = Ledger::lock(&config.jobs.state_dir)?;
+    let here = ledger::current_netns()?;
+    let mut nodes: Vec<ledger::Node> = ledger
+        .all()?
+        .into_iter()
+        .filter(|n| n.netns == here && n.jobs.iter().any(|j| j.id == job_id))
+        .collect();
+    if nodes.is_empty() {
+        return Ok(Attached::NotSelected);
+    }
+    let cgroup = Hierarchy::find()?.join(job_id, parent)?;
+    let recorded = |n: &ledger::Node| {
+        n.jobs
+            .iter()
+            .any(|j| j.id == job_id && j.cgroup.as_ref() == Some(&cgroup))
+    };
+    if nodes.iter().all(recorded) {
+        return Ok(Attached::Joined {
+            cgroup,
+            first: false,
+        });
+    }
+    let before = nodes.clone();
+    for node in &mut nodes {
+        for job in node.jobs.iter_mut().filter(|j| j.id == job_id) {
+            job.cgroup = Some(cgroup.clone());
+        }
+        ledger.write(node)?;
+    }
+    let added = if ledger.add_level(cgroup.level)? {
+        // A level the table has no rule for yet (Slurm's layout, first seen): the table
+        // changes shape, in one transaction with the new member.
+        // (By cgroup, the table does not depend on the static selection.)
+        let table = node::table(config, &Selection::default(), &ledger.running_here()?);
+        reshape(&table)
+    } else {
+        change_set(config, SetChange::Add(Member::Cgroup(cgroup.id)))
+    };
+    if let Err(e) = added {
+        // As at job start: the ledger never promises what the set does not hold.
+        for mut node in before {
+            ledger.write(&mut node)?;
+        }
+        return Err(e);
+    }
+    Ok(Attached::Joined {
+        cgroup,
+        first: true,
+    })
+}
+
+/// Replaces the node's table with `table`, if the node policy is applied.
+fn reshape(table: &netfilter::Table) -> Result<(), Error> {
+    let mut nft = Netfilter::open()?;
+    if nft.read(table.family, &table.name)?.is_none() {
+        return Err(Error::NotApplied);
+    }
+    nft.apply(table)?;
+    nft.close_detached();
+    Ok(())
 }
 
 /// Makes a change to the `jobs` set: through `slurm-egress watch` if it serves this network

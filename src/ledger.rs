@@ -26,6 +26,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::cgroup::JobCgroup;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{path}: {source}")]
@@ -68,6 +70,20 @@ pub struct Job {
     pub reason: String,
     /// Seconds since the epoch.
     pub started: u64,
+    /// With `by = "cgroup"`: the job's cgroup, once its first task has started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<JobCgroup>,
+}
+
+/// What the `jobs` set of the current network namespace must hold, by what it is keyed on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Running {
+    /// Owners of the jobs (`by = "uid"`).
+    pub uids: BTreeSet<u32>,
+    /// Ids of the jobs' cgroups (`by = "cgroup"`), as far as their tasks have started.
+    pub cgroups: BTreeSet<u64>,
+    /// The cgroup levels seen since boot (see [`Ledger::levels`]).
+    pub levels: BTreeSet<u32>,
 }
 
 /// The ledger of one Slurm node.
@@ -191,16 +207,54 @@ impl Ledger {
         Ok(nodes)
     }
 
-    /// The uids that the `jobs` set of the current network namespace must hold: those of
-    /// every job of every node running in it.
-    pub fn uids_here(&self) -> Result<BTreeSet<u32>, Error> {
+    /// What the `jobs` set of the current network namespace must hold: the owners or
+    /// cgroups of every job of every node running in it.
+    pub fn running_here(&self) -> Result<Running, Error> {
         let here = current_netns()?;
-        Ok(self
+        let mut running = Running {
+            levels: self.levels()?,
+            ..Running::default()
+        };
+        for job in self
             .all()?
-            .iter()
+            .into_iter()
             .filter(|n| n.netns == here)
-            .flat_map(|n| n.jobs.iter().map(|j| j.uid))
-            .collect())
+            .flat_map(|n| n.jobs)
+        {
+            running.uids.insert(job.uid);
+            if let Some(c) = job.cgroup {
+                running.cgroups.insert(c.id);
+                running.levels.insert(c.level);
+            }
+        }
+        Ok(running)
+    }
+
+    /// The cgroup levels of jobs seen since boot. The node's table keeps a rule per level
+    /// once one was needed, so that the last job at a level ending and the next one starting
+    /// do not rebuild the table each time.
+    pub fn levels(&self) -> Result<BTreeSet<u32>, Error> {
+        let path = self.dir.join("cgroup-levels");
+        match fs::read_to_string(&path) {
+            Ok(text) => Ok(text
+                .split_whitespace()
+                .filter_map(|l| l.parse().ok())
+                .collect()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(BTreeSet::new()),
+            Err(e) => Err(e).at(&path),
+        }
+    }
+
+    /// Remembers a cgroup level (see [`Ledger::levels`]); returns whether it is new.
+    pub fn add_level(&self, level: u32) -> Result<bool, Error> {
+        let mut levels = self.levels()?;
+        if !levels.insert(level) {
+            return Ok(false);
+        }
+        let path = self.dir.join("cgroup-levels");
+        let text: Vec<String> = levels.iter().map(u32::to_string).collect();
+        fs::write(&path, text.join("\n") + "\n").at(&path)?;
+        Ok(true)
     }
 }
 
@@ -259,6 +313,7 @@ mod tests {
             uid,
             reason: "account alice".into(),
             started: 1,
+            cgroup: None,
         }
     }
 
@@ -287,9 +342,23 @@ mod tests {
         .unwrap();
         assert_eq!(ledger.read("w1").unwrap(), w1);
         assert_eq!(
-            ledger.uids_here().unwrap(),
+            ledger.running_here().unwrap().uids,
             BTreeSet::from([1001, 1002, 1003])
         );
+        // A job's cgroup counts once its task recorded it, with its level.
+        w2.jobs[0].cgroup = Some(JobCgroup {
+            path: "/se/job_3".into(),
+            id: 77,
+            level: 2,
+            own: true,
+        });
+        ledger.write(&mut w2).unwrap();
+        assert!(ledger.add_level(4).unwrap());
+        assert!(!ledger.add_level(4).unwrap());
+        let running = ledger.running_here().unwrap();
+        assert_eq!(running.cgroups, BTreeSet::from([77]));
+        assert_eq!(running.levels, BTreeSet::from([2, 4]));
+        assert_eq!(ledger.read("w2").unwrap(), w2);
         assert_eq!(ledger.all().unwrap().len(), 3);
         elsewhere.jobs.clear();
         ledger.write(&mut elsewhere).unwrap();

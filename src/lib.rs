@@ -1,6 +1,7 @@
 //! slurm-egress: a NATed path out for the jobs of selected Slurm accounts, users and groups,
 //! and the closed default path for every other process.
 
+pub mod cgroup;
 pub mod cli;
 pub mod config;
 pub mod jobs;

@@ -13,11 +13,11 @@
 //! gone (TIME_WAIT ACKs, RSTs after close, which the kernel sends from its own root-owned
 //! socket) on the same path as the rest of their connection.
 
-use std::collections::BTreeSet;
 use std::fmt;
 
-use crate::config::{Config, Protocols};
-use crate::ledger::{self, Ledger};
+use crate::cgroup;
+use crate::config::{By, Config, Protocols};
+use crate::ledger::{self, Ledger, Running};
 use crate::netfilter::{
     self, BaseChain, Chain, ChainKind, CtState, Family, Hook, KeyType, Match, Netfilter, Policy,
     Rule, Set, Statement, Table,
@@ -31,7 +31,8 @@ pub const TABLE: &str = "slurm_egress";
 pub const USERS: &str = "users";
 /// Statically selected groups (matched on the socket's primary gid).
 pub const GROUPS: &str = "groups";
-/// Owners of running selected jobs; the plugin adds and removes them.
+/// Owners (`by = "uid"`) or cgroups (`by = "cgroup"`) of running selected jobs; the plugin
+/// adds and removes them.
 pub const JOBS: &str = "jobs";
 
 #[derive(Debug, thiserror::Error)]
@@ -59,8 +60,14 @@ pub fn require_root() -> Result<(), Error> {
     }
 }
 
-/// The node's nftables table for this config, selection and set of running job owners.
-pub fn table(config: &Config, selection: &Selection, jobs: BTreeSet<u32>) -> Table {
+/// The node's nftables table for this config, selection and running jobs.
+///
+/// With `by = "uid"`: sets of selected users, groups and running jobs' owners, matched on the
+/// socket's owner. With `by = "cgroup"`: one set of running jobs' cgroups, matched on the
+/// socket's cgroup ancestor, one rule per level where job cgroups are (the per-job cgroups
+/// slurm-egress makes, and each level Slurm's were seen at since boot); nothing is selected
+/// by user.
+pub fn table(config: &Config, selection: &Selection, running: &Running) -> Table {
     let r = &config.routing;
     let select = |m: Match| Rule {
         matches: vec![Match::CtState(CtState::NEW), m],
@@ -78,14 +85,62 @@ pub fn table(config: &Config, selection: &Selection, jobs: BTreeSet<u32>) -> Tab
         },
         statements: vec![Statement::Jump("select".into())],
     };
+    let (sets, mut rules) = match &config.select.by {
+        By::Uid => (
+            vec![
+                Set::new(
+                    USERS,
+                    KeyType::Uid,
+                    selection.uids.iter().map(|&u| u.into()),
+                ),
+                Set::new(
+                    GROUPS,
+                    KeyType::Gid,
+                    selection.gids.iter().map(|&g| g.into()),
+                ),
+                Set::new(JOBS, KeyType::Uid, running.uids.iter().map(|&u| u.into())),
+            ],
+            vec![
+                select(Match::SkUidIn(USERS.into())),
+                select(Match::SkGidIn(GROUPS.into())),
+                select(Match::SkUidIn(JOBS.into())),
+            ],
+        ),
+        By::Cgroup { parent } => {
+            let mut levels = running.levels.clone();
+            levels.insert(cgroup::level(&cgroup::own_cgroup(parent, 0)));
+            (
+                vec![Set::new(
+                    JOBS,
+                    KeyType::CgroupV2,
+                    running.cgroups.iter().copied(),
+                )],
+                levels
+                    .into_iter()
+                    .map(|level| {
+                        select(Match::SocketCgroupIn {
+                            level,
+                            set: JOBS.into(),
+                        })
+                    })
+                    .collect(),
+            )
+        }
+    };
+    rules.push(Rule {
+        matches: vec![Match::CtMark {
+            mask: r.mask,
+            value: r.mark,
+        }],
+        statements: vec![Statement::MetaMark {
+            mask: r.mask,
+            value: r.mark,
+        }],
+    });
     Table {
         family: Family::Inet,
         name: TABLE.into(),
-        sets: vec![
-            Set::new(USERS, KeyType::Uid, selection.uids.iter().copied()),
-            Set::new(GROUPS, KeyType::Gid, selection.gids.iter().copied()),
-            Set::new(JOBS, KeyType::Uid, jobs),
-        ],
+        sets,
         chains: vec![
             Chain {
                 name: "output".into(),
@@ -102,21 +157,7 @@ pub fn table(config: &Config, selection: &Selection, jobs: BTreeSet<u32>) -> Tab
             Chain {
                 name: "select".into(),
                 base: None,
-                rules: vec![
-                    select(Match::SkUidIn(USERS.into())),
-                    select(Match::SkGidIn(GROUPS.into())),
-                    select(Match::SkUidIn(JOBS.into())),
-                    Rule {
-                        matches: vec![Match::CtMark {
-                            mask: r.mask,
-                            value: r.mark,
-                        }],
-                        statements: vec![Statement::MetaMark {
-                            mask: r.mask,
-                            value: r.mark,
-                        }],
-                    },
-                ],
+                rules,
             },
         ],
     }
@@ -186,7 +227,7 @@ impl Node {
         let link = handles.routing.link(&config.routing.interface).await?;
         let policy = routing::Policy::new(config, link.as_ref())?;
         let ledger = Ledger::lock(&config.jobs.state_dir)?;
-        let table = table(config, &selection, ledger.uids_here()?);
+        let table = table(config, &selection, &ledger.running_here()?);
         let live_table = handles.nft.read(Family::Inet, TABLE)?;
         let live_routes = handles.routing.read(policy.rule.table).await?;
         let plan = Plan {

@@ -64,43 +64,61 @@ pub fn socket_path(state_dir: &Path) -> Result<PathBuf, ledger::Error> {
     Ok(state_dir.join(format!("watch-{id}.sock")))
 }
 
+/// A member of the `jobs` set: a job owner (`by = "uid"`) or a job's cgroup id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Member {
+    Uid(u32),
+    Cgroup(u64),
+}
+
 /// A set change asked for by a job start or end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SetChange {
-    Add(u32),
-    Remove(u32),
+    Add(Member),
+    Remove(Member),
 }
 
-/// The request as sent on the socket, without its newline: `add <uid>` or `remove <uid>`.
+/// The request as sent on the socket, without its newline: `add uid 1001`,
+/// `remove cgroup 4242`.
 impl std::fmt::Display for SetChange {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            SetChange::Add(uid) => write!(f, "add {uid}"),
-            SetChange::Remove(uid) => write!(f, "remove {uid}"),
+        let (verb, member) = match self {
+            SetChange::Add(m) => ("add", m),
+            SetChange::Remove(m) => ("remove", m),
+        };
+        match member {
+            Member::Uid(uid) => write!(f, "{verb} uid {uid}"),
+            Member::Cgroup(id) => write!(f, "{verb} cgroup {id}"),
         }
     }
 }
 
 impl SetChange {
     fn parse(line: &str) -> Option<SetChange> {
-        let (verb, uid) = line.trim().split_once(' ')?;
-        let uid = uid.parse().ok()?;
-        match verb {
-            "add" => Some(SetChange::Add(uid)),
-            "remove" => Some(SetChange::Remove(uid)),
+        let mut words = line.split_whitespace();
+        let (verb, kind, value) = (words.next()?, words.next()?, words.next()?);
+        let member = match kind {
+            "uid" => Member::Uid(value.parse().ok()?),
+            "cgroup" => Member::Cgroup(value.parse().ok()?),
+            _ => return None,
+        };
+        match (verb, words.next()) {
+            ("add", None) => Some(SetChange::Add(member)),
+            ("remove", None) => Some(SetChange::Remove(member)),
             _ => None,
         }
     }
 
     /// Makes the change through `nft`; adding what is there or removing what is not is fine.
     pub fn apply(self, nft: &mut Netfilter) -> Result<(), crate::netfilter::Error> {
+        let (SetChange::Add(member) | SetChange::Remove(member)) = self;
+        let (key, value) = match member {
+            Member::Uid(uid) => (KeyType::Uid, u64::from(uid)),
+            Member::Cgroup(id) => (KeyType::CgroupV2, id),
+        };
         match self {
-            SetChange::Add(uid) => {
-                nft.add_elements(Family::Inet, TABLE, JOBS, KeyType::Uid, &[uid])
-            }
-            SetChange::Remove(uid) => {
-                nft.remove_elements(Family::Inet, TABLE, JOBS, KeyType::Uid, &[uid])
-            }
+            SetChange::Add(_) => nft.add_elements(Family::Inet, TABLE, JOBS, key, &[value]),
+            SetChange::Remove(_) => nft.remove_elements(Family::Inet, TABLE, JOBS, key, &[value]),
         }
     }
 }

@@ -97,6 +97,55 @@ fn node_table_applies_reads_back_and_lists() {
     });
 }
 
+/// `by = "cgroup"`: a set of 64-bit cgroup ids, one rule per cgroup level; the level is part
+/// of the rule (libnftnl's own text leaves it out), and nft reads it all as we wrote it.
+#[test]
+fn cgroup_table_applies_reads_back_and_tells_levels_apart() {
+    let config = slurm_egress::config::Config::parse(
+        "[routing]\ntable = 201\ntable_name = \"alinat\"\nmark = 0x1\nmask = 0x1\n\
+         priority = 1000\ninterface = \"ib0\"\ngateway = \"10.20.3.227\"\nprotocols = [\"tcp\"]\n\
+         [select]\nby = \"cgroup\"\ncgroup_parent = \"site/egress\"\n",
+        std::path::Path::new("test.toml"),
+    )
+    .unwrap();
+    let running = slurm_egress::ledger::Running {
+        cgroups: [42, 1 << 40].into(),
+        levels: [5].into(),
+        ..Default::default()
+    };
+    let table = slurm_egress::node::table(&config, &Default::default(), &running);
+    in_netns(|| {
+        let mut nf = Netfilter::open().unwrap();
+        apply_and_check(&mut nf, &table);
+        let live = read(&mut nf, &table).unwrap();
+        for (want, got) in table.chains.iter().zip(&live.chains) {
+            let got: Vec<_> = got.rules.iter().map(|r| r.rule.clone().unwrap()).collect();
+            assert_eq!(want.rules, got);
+        }
+        assert_eq!(live.sets[0].elements, BTreeSet::from([42, 1 << 40]));
+        let listing = nft(&["list", "table", "inet", NODE]);
+        for want in [
+            "type cgroupsv2",
+            // The per-job cgroups slurm-egress makes: /site/egress/job_<id>.
+            "ct state new socket cgroupv2 level 3 @jobs ct mark set",
+            "ct state new socket cgroupv2 level 5 @jobs ct mark set",
+        ] {
+            assert!(listing.contains(want), "{want}: {listing}");
+        }
+        // Another level is another rule.
+        let mut other = table.clone();
+        let rules = &mut other.chains[1].rules;
+        rules[1].matches[1] = Match::SocketCgroupIn {
+            level: 6,
+            set: "jobs".into(),
+        };
+        let live = read(&mut nf, &table);
+        assert!(!diff(&other, live.as_ref()).is_empty());
+        apply_and_check(&mut nf, &other);
+        assert!(nft(&["list", "table", "inet", NODE]).contains("level 6 @jobs"));
+    });
+}
+
 #[test]
 fn second_apply_is_a_no_op() {
     in_netns(|| {
@@ -164,7 +213,7 @@ fn display_loaded_by_nft_compares_equal() {
             sets: vec![Set::new(
                 "hosts",
                 KeyType::Ipv4Addr,
-                [u32::from(std::net::Ipv4Addr::new(198, 51, 100, 7))],
+                [u32::from(std::net::Ipv4Addr::new(198, 51, 100, 7)).into()],
             )],
             chains: vec![],
         };
@@ -366,7 +415,7 @@ fn elements_add_and_remove_idempotently() {
         nf.remove_elements(f, NODE, "jobs", k, &[4]).unwrap();
         assert_eq!(jobs(&mut nf), BTreeSet::from([1, 2, 3]));
         // Big lists span several messages in the one transaction.
-        let many: Vec<u32> = (100_000..102_500).collect();
+        let many: Vec<u64> = (100_000..102_500).collect();
         nf.add_elements(f, NODE, "jobs", k, &many).unwrap();
         assert_eq!(jobs(&mut nf).len(), 2503);
         nf.remove_elements(f, NODE, "jobs", k, &many).unwrap();
@@ -383,7 +432,7 @@ fn fifty_threads_adding_and_removing_leave_the_right_set() {
         apply_and_check(&mut nf, &table);
         let ns = netns_fd();
         std::thread::scope(|s| {
-            for i in 0..50u32 {
+            for i in 0..50u64 {
                 let ns = &ns;
                 s.spawn(move || {
                     join_netns(ns);
@@ -403,7 +452,7 @@ fn fifty_threads_adding_and_removing_leave_the_right_set() {
                 });
             }
         });
-        let mut want: BTreeSet<u32> = (0..50).step_by(2).map(|i| 10_000 + i).collect();
+        let mut want: BTreeSet<u64> = (0..50).step_by(2).map(|i| 10_000 + i).collect();
         want.insert(20_000);
         assert_eq!(read(&mut nf, &table).unwrap().sets[2].elements, want);
     });
@@ -515,7 +564,7 @@ fn reads_and_applies_during_element_churn() {
         }
         std::thread::scope(|s| {
             let _stop = Stop(&stop);
-            for t in 0..4u32 {
+            for t in 0..4u64 {
                 let (ns, stop) = (&ns, &stop);
                 s.spawn(move || {
                     join_netns(ns);

@@ -487,7 +487,7 @@ fn running_jobs_survive_apply_and_a_flushed_set_comes_back() {
         &["job", "end", "--job-id", "41", "--node", "w1"],
     );
     assert!(end.contains("egress path off"), "{end}");
-    assert!(common::set_elements(&lab.net, w, "jobs").is_empty());
+    assert!(common::set_elements::<u32>(&lab.net, w, "jobs").is_empty());
     // An unknown job ends quietly (epilogs run where no prolog did).
     let again = lab.egress_ok(
         w,

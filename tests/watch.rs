@@ -116,16 +116,19 @@ fn watch_repairs_link_flaps_lost_addresses_and_tampering() {
         &config,
         &["job", "end", "--job-id", "8", "--node", "w1"],
     );
-    assert!(set_elements(&lab.net, &w, "jobs").is_empty());
+    assert!(set_elements::<u32>(&lab.net, &w, "jobs").is_empty());
     let sock = std::fs::read_dir(lab.scratch.path("state"))
         .unwrap()
         .flatten()
         .any(|e| e.file_name().to_string_lossy().starts_with("watch-"));
     assert!(sock, "the watch serves its socket");
     let text = std::fs::read_to_string(&log).unwrap();
-    assert!(text.contains(&format!("jobs set: add {other}")), "{text}");
     assert!(
-        text.contains(&format!("jobs set: remove {other}")),
+        text.contains(&format!("jobs set: add uid {other}")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("jobs set: remove uid {other}")),
         "{text}"
     );
 }

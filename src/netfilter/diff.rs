@@ -30,12 +30,12 @@ pub enum Difference {
     ElementMissing {
         set: String,
         key: KeyType,
-        value: u32,
+        value: u64,
     },
     ElementUnexpected {
         set: String,
         key: KeyType,
-        value: u32,
+        value: u64,
     },
     ChainMissing {
         chain: String,
@@ -153,7 +153,7 @@ pub fn diff(desired: &Table, live: Option<&LiveTable>) -> Vec<Difference> {
             });
             continue;
         }
-        let element = |value: &u32| (set.name.clone(), set.key, *value);
+        let element = |value: &u64| (set.name.clone(), set.key, *value);
         for (set, key, value) in set.elements.difference(&l.elements).map(element) {
             out.push(Difference::ElementMissing { set, key, value });
         }

@@ -28,7 +28,7 @@ pub struct LiveSet {
     /// `type uid` for ours, else the raw key type, length and flags.
     pub definition: String,
     /// Decoded per `key`; empty when `key` is `None`.
-    pub elements: BTreeSet<u32>,
+    pub elements: BTreeSet<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -398,7 +398,7 @@ fn parse(object: &str, what: &str, f: impl FnOnce() -> i32) -> Result<()> {
 
 fn live_set(raw: RawSet) -> LiveSet {
     let key = KeyType::from_datatype(raw.datatype)
-        .filter(|_| raw.key_len == 4 && raw.flags == 0 && !raw.map);
+        .filter(|k| raw.key_len == k.len() && raw.flags == 0 && !raw.map);
     let definition = match key {
         Some(k) => format!("type {k}"),
         None => format!(
@@ -411,11 +411,7 @@ fn live_set(raw: RawSet) -> LiveSet {
         ),
     };
     let elements = match key {
-        Some(k) => raw
-            .elements
-            .iter()
-            .filter_map(|e| Some(k.decode(e.as_slice().try_into().ok()?)))
-            .collect(),
+        Some(k) => raw.elements.iter().filter_map(|e| k.decode(e)).collect(),
         None => BTreeSet::new(),
     };
     LiveSet {

@@ -33,6 +33,8 @@ use std::ffi::c_char;
 const ELEMENTS_PER_MESSAGE: usize = 1000;
 /// nf_tables names (tables, sets, chains) are at most 255 bytes plus the NUL.
 const NAME_MAX: usize = 255;
+/// The deepest ancestor `socket cgroupv2` can look at (the kernel's limit).
+const MAX_CGROUP_LEVEL: u32 = 255;
 
 /// A netlink socket on nf_tables in the network namespace of the calling thread.
 pub struct Netfilter {
@@ -104,7 +106,7 @@ impl Netfilter {
         table: &str,
         set: &str,
         key: KeyType,
-        elements: &[u32],
+        elements: &[u64],
     ) -> Result<()> {
         if elements.is_empty() {
             return Ok(());
@@ -128,7 +130,7 @@ impl Netfilter {
         table: &str,
         set: &str,
         key: KeyType,
-        elements: &[u32],
+        elements: &[u64],
     ) -> Result<()> {
         if elements.is_empty() {
             return Ok(());
@@ -193,7 +195,7 @@ fn push_elements(
     table: &str,
     set: &str,
     key: KeyType,
-    elements: &[u32],
+    elements: &[u64],
     remove: bool,
 ) {
     let name = codec::cstr(set);
@@ -226,10 +228,10 @@ fn rebuild(desired: &Table) -> Batch {
         let id = builder.set_id();
         set_ids.insert(set.name.clone(), id);
         let nl = codec::set_obj(family, name, &codec::cstr(&set.name));
-        codec::define_set(&nl, set.key.datatype(), 4, 0, id);
+        codec::define_set(&nl, set.key.datatype(), set.key.len(), 0, id);
         codec::set_key_byteorder(&nl, set.key.byteorder());
         push_new_set(&mut batch, set_object(family, name, &set.name), family, &nl);
-        let elements: Vec<u32> = set.elements.iter().copied().collect();
+        let elements: Vec<u64> = set.elements.iter().copied().collect();
         push_elements(
             &mut batch, family, name, &set.name, set.key, &elements, false,
         );
@@ -363,6 +365,16 @@ fn validate(table: &Table) -> Result<()> {
         if !seen.insert(&set.name) {
             return Err(Error::invalid(object, "defined twice"));
         }
+        if let Some(too_big) = set
+            .elements
+            .iter()
+            .find(|e| set.key.len() == 4 && **e > u64::from(u32::MAX))
+        {
+            return Err(Error::invalid(
+                object,
+                format!("element {too_big} does not fit a {} key", set.key),
+            ));
+        }
     }
     let mut seen = BTreeSet::new();
     for chain in &table.chains {
@@ -397,6 +409,10 @@ fn validate_rule(table: &Table, rule: &Rule) -> std::result::Result<(), String> 
             Match::CtState(states) if states.bits() == 0 => Err("empty ct state".to_owned())?,
             Match::SkUidIn(set) => set_of(set, KeyType::Uid)?,
             Match::SkGidIn(set) => set_of(set, KeyType::Gid)?,
+            Match::SocketCgroupIn { level, .. } if *level > MAX_CGROUP_LEVEL => Err(format!(
+                "cgroup level {level} is deeper than the kernel allows ({MAX_CGROUP_LEVEL})"
+            ))?,
+            Match::SocketCgroupIn { set, .. } => set_of(set, KeyType::CgroupV2)?,
             Match::IifName(name) | Match::OifName(name)
                 if name.is_empty() || name.len() >= 16 || name.contains('\0') =>
             {

@@ -47,52 +47,75 @@ pub enum KeyType {
     Gid,
     /// `type ipv4_addr`; elements are `u32::from(Ipv4Addr)`, sent in network byte order.
     Ipv4Addr,
+    /// `type cgroupsv2`, matched with `socket cgroupv2 level N`: a cgroup v2 id (the inode
+    /// number of the cgroup's directory), 64 bits in host byte order.
+    CgroupV2,
 }
 
 impl KeyType {
-    /// The nftables datatype id (TYPE_UID = 24, TYPE_GID = 25, TYPE_IPADDR = 7).
+    /// The nftables datatype id (TYPE_UID = 24, TYPE_GID = 25, TYPE_IPADDR = 7,
+    /// TYPE_CGROUPV2 = 46).
     pub(crate) fn datatype(self) -> u32 {
         match self {
             KeyType::Uid => 24,
             KeyType::Gid => 25,
             KeyType::Ipv4Addr => 7,
+            KeyType::CgroupV2 => 46,
         }
     }
 
     pub(crate) fn from_datatype(datatype: u32) -> Option<Self> {
-        [KeyType::Uid, KeyType::Gid, KeyType::Ipv4Addr]
-            .into_iter()
-            .find(|k| k.datatype() == datatype)
+        [
+            KeyType::Uid,
+            KeyType::Gid,
+            KeyType::Ipv4Addr,
+            KeyType::CgroupV2,
+        ]
+        .into_iter()
+        .find(|k| k.datatype() == datatype)
+    }
+
+    /// The key's length in bytes.
+    pub(crate) fn len(self) -> u32 {
+        match self {
+            KeyType::Uid | KeyType::Gid | KeyType::Ipv4Addr => 4,
+            KeyType::CgroupV2 => 8,
+        }
     }
 
     /// nftables' byte order of the key (`BYTEORDER_HOST_ENDIAN` = 1, `BIG_ENDIAN` = 2).
     pub(crate) fn byteorder(self) -> u32 {
         match self {
-            KeyType::Uid | KeyType::Gid => 1,
+            KeyType::Uid | KeyType::Gid | KeyType::CgroupV2 => 1,
             KeyType::Ipv4Addr => 2,
         }
     }
 
-    /// The element as the kernel stores it.
-    pub(crate) fn encode(self, value: u32) -> [u8; 4] {
+    /// The element as the kernel stores it. Values too large for a 32-bit key are cut to
+    /// their low 32 bits; [`Set::new`] never makes such elements.
+    pub(crate) fn encode(self, value: u64) -> Vec<u8> {
         match self {
-            KeyType::Uid | KeyType::Gid => value.to_ne_bytes(),
-            KeyType::Ipv4Addr => value.to_be_bytes(),
+            KeyType::Uid | KeyType::Gid => (value as u32).to_ne_bytes().to_vec(),
+            KeyType::Ipv4Addr => (value as u32).to_be_bytes().to_vec(),
+            KeyType::CgroupV2 => value.to_ne_bytes().to_vec(),
         }
     }
 
-    pub(crate) fn decode(self, bytes: [u8; 4]) -> u32 {
-        match self {
-            KeyType::Uid | KeyType::Gid => u32::from_ne_bytes(bytes),
-            KeyType::Ipv4Addr => u32::from_be_bytes(bytes),
-        }
+    /// The value of a stored key, if it has this key's length.
+    pub(crate) fn decode(self, bytes: &[u8]) -> Option<u64> {
+        Some(match self {
+            KeyType::Uid | KeyType::Gid => u32::from_ne_bytes(bytes.try_into().ok()?).into(),
+            KeyType::Ipv4Addr => u32::from_be_bytes(bytes.try_into().ok()?).into(),
+            KeyType::CgroupV2 => u64::from_ne_bytes(bytes.try_into().ok()?),
+        })
     }
 
-    /// One element as `nft` writes it.
-    pub fn element(self, value: u32) -> String {
+    /// One element as `nft` writes it (`nft` shows cgroup ids as paths when it can resolve
+    /// them; the number is what the kernel holds).
+    pub fn element(self, value: u64) -> String {
         match self {
-            KeyType::Uid | KeyType::Gid => value.to_string(),
-            KeyType::Ipv4Addr => Ipv4Addr::from(value).to_string(),
+            KeyType::Uid | KeyType::Gid | KeyType::CgroupV2 => value.to_string(),
+            KeyType::Ipv4Addr => Ipv4Addr::from(value as u32).to_string(),
         }
     }
 }
@@ -103,6 +126,7 @@ impl fmt::Display for KeyType {
             KeyType::Uid => "uid",
             KeyType::Gid => "gid",
             KeyType::Ipv4Addr => "ipv4_addr",
+            KeyType::CgroupV2 => "cgroupsv2",
         })
     }
 }
@@ -122,11 +146,11 @@ pub struct Set {
     pub name: String,
     pub key: KeyType,
     /// See [`KeyType`] for what the number means.
-    pub elements: BTreeSet<u32>,
+    pub elements: BTreeSet<u64>,
 }
 
 impl Set {
-    pub fn new(name: &str, key: KeyType, elements: impl IntoIterator<Item = u32>) -> Self {
+    pub fn new(name: &str, key: KeyType, elements: impl IntoIterator<Item = u64>) -> Self {
         Set {
             name: name.to_owned(),
             key,
@@ -318,6 +342,10 @@ pub enum Match {
     SkUidIn(String),
     /// `meta skgid @set`: the socket's group is in the named `type gid` set.
     SkGidIn(String),
+    /// `socket cgroupv2 level N @set`: the socket was created in a cgroup whose ancestor at
+    /// depth `level` of the cgroup v2 hierarchy (its root is level 0) is in the named
+    /// `type cgroupsv2` set.
+    SocketCgroupIn { level: u32, set: String },
     /// `iifname "ib0"` (exact name).
     IifName(String),
     /// `oifname "eth9"` (exact name).
@@ -398,6 +426,9 @@ impl fmt::Display for Match {
             Match::CtMark { mask, value } => write!(f, "ct mark & {mask:#010x} == {value:#010x}"),
             Match::SkUidIn(set) => write!(f, "meta skuid @{set}"),
             Match::SkGidIn(set) => write!(f, "meta skgid @{set}"),
+            Match::SocketCgroupIn { level, set } => {
+                write!(f, "socket cgroupv2 level {level} @{set}")
+            }
             Match::IifName(name) => write!(f, "iifname \"{name}\""),
             Match::OifName(name) => write!(f, "oifname \"{name}\""),
             Match::IpDaddr(addr) => write!(f, "ip daddr {addr}"),
@@ -636,7 +667,7 @@ mod tests {
                 Set::new(
                     "a",
                     KeyType::Ipv4Addr,
-                    [u32::from(Ipv4Addr::new(198, 51, 100, 1))],
+                    [u32::from(Ipv4Addr::new(198, 51, 100, 1)).into()],
                 ),
                 Set::new("b", KeyType::Gid, []),
             ],
@@ -690,9 +721,22 @@ mod tests {
     fn keys_encode_as_the_kernel_and_nft_expect() {
         assert_eq!(KeyType::Uid.encode(1001), 1001u32.to_ne_bytes());
         assert_eq!(KeyType::Ipv4Addr.encode(0xc6336401), [198, 51, 100, 1]);
-        assert_eq!(KeyType::Ipv4Addr.decode([198, 51, 100, 1]), 0xc6336401);
+        assert_eq!(
+            KeyType::Ipv4Addr.decode(&[198, 51, 100, 1]),
+            Some(0xc6336401)
+        );
         assert_eq!(KeyType::Ipv4Addr.element(0xc6336401), "198.51.100.1");
-        for key in [KeyType::Uid, KeyType::Gid, KeyType::Ipv4Addr] {
+        // cgroup ids are 64 bits wide; a key of the wrong length is no element.
+        let id = 0x1_0000_002c_u64;
+        assert_eq!(KeyType::CgroupV2.encode(id), id.to_ne_bytes());
+        assert_eq!(KeyType::CgroupV2.decode(&id.to_ne_bytes()), Some(id));
+        assert_eq!(KeyType::CgroupV2.decode(&[1, 2, 3, 4]), None);
+        for key in [
+            KeyType::Uid,
+            KeyType::Gid,
+            KeyType::Ipv4Addr,
+            KeyType::CgroupV2,
+        ] {
             assert_eq!(KeyType::from_datatype(key.datatype()), Some(key));
         }
     }

@@ -14,7 +14,7 @@ use std::error::Error;
 use std::path::Path;
 
 use crate::config::{self, Config, OnError};
-use crate::jobs::{self, Ended, Started};
+use crate::jobs::{self, Attached, Ended, Started};
 use crate::ledger;
 use crate::spank::args::PluginArgs;
 use crate::spank::job::JobInfo;
@@ -64,20 +64,39 @@ pub fn on_job_start(args: &PluginArgs, job: &JobInfo) -> HookResult {
     }
 }
 
+/// A task of the job is starting on this node (`by = "cgroup"` only does anything).
+pub fn on_task_start(args: &PluginArgs, job_id: u32) -> HookResult {
+    let config = load(args)?;
+    match jobs::attach(&config, job_id) {
+        Ok(Attached::Joined { cgroup, first }) => {
+            if first {
+                log::info(&format!(
+                    "job {job_id}: cgroup {} (id {}, level {}) egress path on",
+                    cgroup.path, cgroup.id, cgroup.level
+                ));
+            }
+            Ok(())
+        }
+        Ok(Attached::NotSelected) => Ok(()),
+        Err(e) => match config.jobs.on_error {
+            OnError::Drain => Err(format!("task start: {e}").into()),
+            OnError::Continue => {
+                log::error(&format!(
+                    "job {job_id}: task start: {e} (on_error = \"continue\": the task runs \
+                     without egress)"
+                ));
+                Ok(())
+            }
+        },
+    }
+}
+
 /// The job has ended on this node.
 pub fn on_job_end(args: &PluginArgs, job: &JobInfo) -> HookResult {
     let config = load(args)?;
     match jobs::end(&config, job.job_id, &node(job)) {
-        Ok(Ended::Removed { uid, released }) => {
-            log::info(&format!(
-                "job {}: ended; uid {uid} {}",
-                job.job_id,
-                if released {
-                    "has no other selected job here: egress path off"
-                } else {
-                    "keeps the egress path for its other selected jobs"
-                }
-            ));
+        Ok(ended @ Ended::Removed { .. }) => {
+            log::info(&format!("job {}: ended; {}", job.job_id, ended.summary()));
             Ok(())
         }
         Ok(Ended::NotTracked) => Ok(()),

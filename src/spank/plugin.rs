@@ -205,6 +205,51 @@ pub unsafe extern "C" fn slurm_spank_job_epilog(
     unsafe { job_callback("job_epilog", Phase::End, sp, ac, av) }
 }
 
+/// Runs in each task of a job step (the batch script included), as root, after fork and
+/// before exec, in slurmd's network namespace (context remote). With `by = "cgroup"` it puts
+/// the task in its job's cgroup if the job was selected; otherwise it returns at once. A
+/// failure fails the task (and so the job) under `on_error = "drain"`: a selected job never
+/// runs without the path it was promised.
+///
+/// # Safety
+/// Called by Slurm with its handle and the plugstack.conf arguments.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn slurm_spank_task_init_privileged(
+    sp: ffi::spank_t,
+    ac: c_int,
+    av: *mut *mut c_char,
+) -> c_int {
+    if Context::current() != Context::Remote {
+        return SPANK_OK;
+    }
+    guarded("task_init_privileged", || {
+        // SAFETY: forwarded from the caller.
+        let args = match unsafe { plugin_args(ac, av) } {
+            Ok(a) => a,
+            Err(e) => {
+                log::error(&format!("task_init_privileged: {e}"));
+                return SPANK_FAIL;
+            }
+        };
+        // SAFETY: `sp` is the handle of the running callback and does not escape it.
+        let spank = unsafe { Spank::from_raw(sp) };
+        let job_id = match spank.job_id() {
+            Ok(id) => id,
+            Err(e) => {
+                log::error(&format!("task_init_privileged: {e}"));
+                return SPANK_FAIL;
+            }
+        };
+        match hook::on_task_start(&args, job_id) {
+            Ok(()) => SPANK_OK,
+            Err(e) => {
+                log::error(&format!("task_init_privileged: job {job_id}: {e}"));
+                SPANK_FAIL
+            }
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,6 +292,7 @@ mod tests {
             assert_eq!(slurm_spank_init(sp, 5, av), SPANK_OK);
             assert_eq!(slurm_spank_job_prolog(sp, 5, av), SPANK_OK);
             assert_eq!(slurm_spank_job_epilog(sp, 5, av), SPANK_OK);
+            assert_eq!(slurm_spank_task_init_privileged(sp, 5, av), SPANK_OK);
         }
     }
 }

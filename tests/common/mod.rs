@@ -400,7 +400,11 @@ pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 }
 
 /// The elements of a uid/gid set of the node table in `ns`, as `nft` lists them.
-pub fn set_elements(net: &Net, ns: &str, set: &str) -> std::collections::BTreeSet<u32> {
+pub fn set_elements<T: std::str::FromStr + Ord>(
+    net: &Net,
+    ns: &str,
+    set: &str,
+) -> std::collections::BTreeSet<T> {
     let text = net.ok(ns, &["nft", "list", "set", "inet", "slurm_egress", set]);
     let Some(start) = text.find("elements = {") else {
         return Default::default();

@@ -63,7 +63,7 @@ pub fn node_table() -> Table {
         uids: [1001, 1002].into(),
         gids: [2000].into(),
     };
-    slurm_egress::node::table(&config, &selection, Default::default())
+    slurm_egress::node::table(&config, &selection, &Default::default())
 }
 
 /// The router table: forward filter plus source NAT (`snat`: `None` for masquerade).
