@@ -58,7 +58,8 @@ pub struct Job {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Started {
-    /// The job is selected; its owner is in the set.
+    /// The job is selected: its owner is in the set (`by = "uid"`), or its tasks will put
+    /// its cgroup there (`by = "cgroup"`).
     Selected(Reason),
     /// The ledger already had this job (a prolog run twice): nothing changed.
     AlreadyTracked,
@@ -133,11 +134,17 @@ pub fn start(config: &Config, job: &Job) -> Result<Started, Error> {
             .unwrap_or_default(),
         cgroup: None,
     });
-    ledger.write(&mut node)?;
-    // By cgroup, the set changes when the first task joins the job's cgroup.
+    // By cgroup, the set changes when the first task joins the job's cgroup; a node without
+    // the policy fails here all the same, where a failure drains the node.
     if config.select.by != By::Uid {
+        let mut nft = Netfilter::open()?;
+        if nft.read(netfilter::Family::Inet, node::TABLE)?.is_none() {
+            return Err(Error::NotApplied);
+        }
+        ledger.write(&mut node)?;
         return Ok(Started::Selected(reason));
     }
+    ledger.write(&mut node)?;
     if let Err(e) = change_set(config, SetChange::Add(Member::Uid(job.uid))) {
         // Undo the record, so that the ledger never promises what the set does not hold.
         let mut before = before;

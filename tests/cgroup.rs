@@ -335,6 +335,27 @@ fn slurms_own_job_cgroup_is_used_where_it_exists() {
     assert!(set_elements::<u64>(&lab.net, &w1, "jobs").is_empty());
     assert!(job.is_dir());
     assert_eq!(as_task(&task).split('=').next(), Some("error"));
+
+    // Without the node policy a selected job's start fails (in the prolog, which drains the
+    // node) and records nothing.
+    lab.egress_ok(&w1, &config, &["remove"]);
+    let start = [
+        "job",
+        "start",
+        "--job-id",
+        "78",
+        "--uid",
+        &other,
+        "--account",
+        "alice",
+        "--node",
+        "w1",
+    ];
+    let out = lab.egress(&w1, &config, &start);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("run `slurm-egress apply`"), "{stderr}");
+    assert_eq!(lab.egress_ok(&w1, &config, &["jobs"]).lines().count(), 1);
 }
 
 /// Runs `attach_in_child` in a process placed in cgroup `dir`, in worker `w`'s network
