@@ -83,7 +83,9 @@ impl Hierarchy {
     /// process runs below `job_<job>`; else `<parent>/job_<job>`, made if needed.
     pub fn join(&self, job: u32, parent: &str) -> Result<JobCgroup, Error> {
         let current = current()?;
-        if let Some(path) = slurm_job_cgroup(&current, job) {
+        let path = own_cgroup(parent, job);
+        // (A process that is already in ours, forked by the job, is not in Slurm's.)
+        if let Some(path) = slurm_job_cgroup(&current, job).filter(|p| *p != path) {
             return Ok(JobCgroup {
                 id: self.id(&path)?,
                 level: level(&path),
@@ -91,7 +93,6 @@ impl Hierarchy {
                 own: false,
             });
         }
-        let path = own_cgroup(parent, job);
         let dir = self.dir(&path);
         fs::create_dir_all(&dir).map_err(at(&dir))?;
         // "0" moves the writer itself.
@@ -144,11 +145,6 @@ impl Hierarchy {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(at(&dir)(e)),
             _ => Ok(moved),
         }
-    }
-
-    /// Whether a cgroup exists now.
-    pub fn exists(&self, cgroup: &str) -> bool {
-        self.dir(cgroup).is_dir()
     }
 }
 
