@@ -338,13 +338,15 @@ fn watch_repairs_every_fault_and_unselected_traffic_never_gets_out() {
         background.join().unwrap()
     });
 
-    // The unselected user tried all along, and never got out.
-    assert!(answers.len() >= 10, "{answers:?}");
+    // The unselected user tried all along, and never got out. (Not every attempt sends a
+    // packet: without an address or a route it fails at once.)
+    let at_gateway = lab.net.counted(&gw, "unselected");
     assert!(answers.iter().all(|a| a != NATTED), "{answers:?}");
     assert_eq!(lab.net.counted(&nat, "unselected"), 0);
-    assert!(lab.net.counted(&gw, "unselected") >= answers.len() as u64);
+    assert!(at_gateway >= 10, "{at_gateway} packets: {answers:?}");
     println!(
-        "unselected connections during the repairs: {}, none NATed",
+        "unselected connections during the repairs: {}, {at_gateway} packets at the normal \
+         gateway, none at the NAT router",
         answers.len()
     );
 
