@@ -50,11 +50,13 @@ pub enum Command {
     /// plugin. Values default to the variables slurmd sets for those scripts.
     #[command(subcommand)]
     Job(JobCommand),
-    /// Keep the node policy true: re-apply whenever links, addresses, routes, rules or the
-    /// nftables ruleset change (a link flap drops every route), and every --interval. Also
-    /// serves the plugin's set changes. Reloads the config on SIGHUP; stops on SIGTERM.
+    /// Keep the node policy true: repair it whenever links, addresses, routes, rules, the
+    /// nftables table or its set members change (a link flap drops every route), and every
+    /// --interval. Logs one line per repair; backs off while the kernel refuses. Also serves
+    /// the plugin's set changes. Reloads the config on SIGHUP; stops on SIGTERM.
     Watch {
-        /// Seconds between full checks, besides the kernel's change notifications.
+        /// Seconds between full checks besides the kernel's change notifications. Each also
+        /// reads the selected groups' members from NSS again, which sends no notification.
         #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
         interval: u64,
     },
@@ -275,5 +277,44 @@ fn job(config: &Config, command: JobCommand) -> Result<ExitCode, Box<dyn std::er
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every slurm-egress command line in the worker units, without the program name.
+    fn commands(unit: &str) -> Vec<Vec<&str>> {
+        unit.lines()
+            .filter_map(|l| l.split_once('=').map(|(_, v)| v))
+            .filter_map(|v| v.strip_prefix("/usr/sbin/slurm-egress "))
+            .map(|v| v.split_whitespace().collect())
+            .collect()
+    }
+
+    /// The units are only text: parse their command lines with the real parser, so that a
+    /// renamed flag or subcommand fails here and not at a node's boot.
+    #[test]
+    fn the_shipped_worker_units_run_valid_commands() {
+        let apply = include_str!("../slurm/slurm-egress-apply.service");
+        let watch = include_str!("../slurm/slurm-egress.service");
+        let mut seen = Vec::new();
+        for line in commands(apply).into_iter().chain(commands(watch)) {
+            let cli = Cli::try_parse_from(std::iter::once("slurm-egress").chain(line.clone()))
+                .unwrap_or_else(|e| panic!("{line:?}: {e}"));
+            assert_eq!(cli.config, std::path::Path::new(config::DEFAULT_PATH));
+            seen.push(cli.command);
+        }
+        assert!(matches!(
+            seen[..],
+            [
+                Command::Apply { dry_run: false },
+                Command::Apply { dry_run: false },
+                Command::Watch { interval: 60 }
+            ]
+        ));
+        assert!(watch.contains("After=slurm-egress-apply.service "));
+        assert!(apply.contains("Before=slurmd.service slurm-egress.service\n"));
     }
 }

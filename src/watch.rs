@@ -3,10 +3,18 @@
 //! The seed's open problem: when the fabric link goes down and up, the interface loses its
 //! address and every route through it, the egress table with them, and nothing puts them
 //! back. `watch` listens to the kernel's own change notifications (links, addresses, routes
-//! and rules over rtnetlink; nftables ruleset changes over nfnetlink) and re-applies the
-//! policy as soon as it differs, plus every `--interval` as a safety net, which also picks up
-//! group membership changes in NSS. While the interface is down or has no address it waits
-//! (and says so once) instead of failing.
+//! and rules over rtnetlink; nftables ruleset changes, set members included, over
+//! nfnetlink) and re-applies the policy as soon as it differs, plus every `--interval` as a
+//! safety net, which also picks up group membership changes in NSS. Each repair is one log
+//! line: what was wrong, and what was done.
+//!
+//! Two states are told apart. While the interface is missing, down or has no address, there
+//! is nothing to apply: it waits (and says so once), and looks again at the next
+//! notification, which the interface's return is. When the kernel refuses a change, or
+//! something undoes every repair, looking again at once could spin, fed by the
+//! notifications of its own partial changes: retries back off instead (see [`Retry`]).
+//! Notifications caused by our own nftables sockets are ignored; lost ones (`ENOBUFS`) count
+//! as drift.
 //!
 //! It also serves the plugin's set changes on a unix socket (see [`crate::jobs`]), from a
 //! thread of its own with an nftables socket that is never closed, so a job end never waits
@@ -20,19 +28,25 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use futures::StreamExt;
-use netlink_sys::{AsyncSocket, AsyncSocketExt, TokioSocket};
+use futures::channel::mpsc::UnboundedReceiver;
+use netlink_sys::{AsyncSocket, AsyncSocketExt, SocketAddr, TokioSocket};
+use nix::sys::socket::sockopt;
 use rtnetlink::MulticastGroup;
+use rtnetlink::packet_core::NetlinkMessage;
+use rtnetlink::packet_route::RouteNetlinkMessage;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::config::Config;
-use crate::ledger;
-use crate::netfilter::{Family, KeyType, Netfilter};
-use crate::node::{self, Handles, JOBS, Node, TABLE};
+use crate::netfilter::{self, Family, KeyType, Netfilter};
+use crate::node::{self, Handles, JOBS, Node, Plan, TABLE};
+use crate::{ledger, routing};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot subscribe to kernel notifications: {0}")]
     Subscribe(#[source] std::io::Error),
+    #[error("the kernel's route notifications stopped")]
+    Closed,
     #[error("{path}: cannot serve the set socket: {source}")]
     Listen {
         path: PathBuf,
@@ -47,14 +61,17 @@ pub enum Error {
 
 /// nfnetlink's multicast group for nftables ruleset changes (`NFNLGRP_NFTABLES`).
 const NFNLGRP_NFTABLES: u32 = 7;
-/// nftables notifications that are no sign of drift: set elements come and go with jobs, and
-/// every transaction ends with a new generation.
-const NFT_MSG_NEWSETELEM: u8 = 12;
-const NFT_MSG_DELSETELEM: u8 = 14;
+/// The message that ends every nftables transaction's notifications.
 const NFT_MSG_NEWGEN: u8 = 15;
+/// Receive buffer for nftables notifications (the kernel doubles it for bookkeeping).
+const NFT_RCVBUF: usize = 4 << 20;
 /// Changes arrive in bursts (a link flap removes every route one message at a time): wait
-/// this long after the last one before looking.
+/// this long after the first one before looking.
 const SETTLE: Duration = Duration::from_millis(100);
+/// The first retry after a look that did not end in sync, and the longest wait between
+/// retries (see [`Retry`]).
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// The set socket of the current network namespace under `state_dir`: one per namespace,
 /// because the set it changes lives in the namespace.
@@ -129,46 +146,46 @@ pub async fn run(config_path: &Path, interval: Duration) -> Result<(), Error> {
     node::require_root()?;
     let mut config = Config::load(config_path).map_err(node::Error::from)?;
     let mut handles = Handles::open()?;
-
-    let (connection, _, mut route_events) = rtnetlink::new_multicast_connection(&[
-        MulticastGroup::Link,
-        MulticastGroup::Ipv4Ifaddr,
-        MulticastGroup::Ipv4Route,
-        MulticastGroup::Ipv4Rule,
-    ])
-    .map_err(Error::Subscribe)?;
-    tokio::spawn(connection);
-    let mut nft_events =
-        TokioSocket::new(libc::NETLINK_NETFILTER as isize).map_err(Error::Subscribe)?;
-    nft_events
-        .socket_mut()
-        .bind_auto()
-        .and_then(|_| nft_events.socket_mut().add_membership(NFNLGRP_NFTABLES))
-        .map_err(Error::Subscribe)?;
-
-    let mut listening = serve(&config)?;
+    let mut notifications = Notifications::subscribe()?;
+    notifications
+        .ours
+        .push(handles.nft.portid().map_err(node::Error::from)?);
+    let mut listening = serve(&config, &mut notifications)?;
     let mut hangup = signal(SignalKind::hangup()).map_err(Error::Subscribe)?;
     let mut terminate = signal(SignalKind::terminate()).map_err(Error::Subscribe)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(Error::Subscribe)?;
+    // The first tick is at once: the policy is applied at start.
     let mut timer = tokio::time::interval(interval);
-    let mut last_problem: Option<String> = None;
+    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut retry = Retry::default();
     tracing::info!(config = %config_path.display(), socket = %listening.display(), "watching");
 
     loop {
-        let mut dirty = false;
+        if retry.due() {
+            notifications.settle().await?;
+            let outcome = reconcile(&config, &mut handles).await;
+            retry.after(outcome);
+            continue;
+        }
         tokio::select! {
-            _ = timer.tick() => dirty = true,
-            Some(_) = route_events.next() => dirty = true,
-            Ok((datagram, _)) = nft_events.recv_from_full() => dirty = structural(&datagram),
+            _ = timer.tick() => retry.drift(),
+            drift = notifications.next() => {
+                if drift? {
+                    retry.drift();
+                }
+            }
+            _ = tokio::time::sleep_until(retry.not_before), if retry.pending => {}
             _ = hangup.recv() => {
                 match Config::load(config_path) {
                     Ok(new) => {
                         if new.jobs.state_dir != config.jobs.state_dir {
-                            listening = serve(&new)?;
+                            listening = serve(&new, &mut notifications)?;
                         }
                         config = new;
                         tracing::info!("config reloaded");
-                        dirty = true;
+                        // A new config may cure what the old one could not apply.
+                        retry = Retry::default();
+                        retry.drift();
                     }
                     Err(e) => tracing::error!("config not reloaded: {e}"),
                 }
@@ -176,47 +193,95 @@ pub async fn run(config_path: &Path, interval: Duration) -> Result<(), Error> {
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         }
-        if !dirty {
-            continue;
-        }
-        // Let the burst settle, swallowing what else arrives meanwhile.
-        let settle = tokio::time::sleep(SETTLE);
-        tokio::pin!(settle);
-        loop {
-            tokio::select! {
-                _ = &mut settle => break,
-                Some(_) = route_events.next() => {}
-                Ok(_) = nft_events.recv_from_full() => {}
-            }
-        }
-        match reconcile(&config, &mut handles).await {
-            Ok(()) => last_problem = None,
-            Err(e) => {
-                let problem = e.to_string();
-                if last_problem.as_deref() != Some(problem.as_str()) {
-                    tracing::warn!(
-                        "node policy not applied, waiting for the next change: {problem}"
-                    );
-                }
-                last_problem = Some(problem);
-            }
-        }
     }
     let _ = std::fs::remove_file(&listening);
     tracing::info!("stopped");
     Ok(())
 }
 
-/// Whether an nftables notification datagram holds anything but set element changes.
-fn structural(datagram: &[u8]) -> bool {
+/// The kernel's change notifications, boiled down to "the policy may have drifted".
+struct Notifications {
+    /// Links, IPv4 addresses, routes and rules.
+    routes: UnboundedReceiver<(NetlinkMessage<RouteNetlinkMessage>, SocketAddr)>,
+    /// nftables ruleset changes.
+    nft: TokioSocket,
+    /// Port ids of our own nftables sockets: what they change is no drift (the set changes
+    /// of running jobs, and each repair), and looking again after each would be waste.
+    ours: Vec<u32>,
+}
+
+impl Notifications {
+    fn subscribe() -> Result<Notifications, Error> {
+        let (connection, _, routes) = rtnetlink::new_multicast_connection(&[
+            MulticastGroup::Link,
+            MulticastGroup::Ipv4Ifaddr,
+            MulticastGroup::Ipv4Route,
+            MulticastGroup::Ipv4Rule,
+        ])
+        .map_err(Error::Subscribe)?;
+        tokio::spawn(connection);
+        let mut nft =
+            TokioSocket::new(libc::NETLINK_NETFILTER as isize).map_err(Error::Subscribe)?;
+        let socket = nft.socket_mut();
+        socket
+            .bind_auto()
+            .and_then(|_| socket.add_membership(NFNLGRP_NFTABLES))
+            .map_err(Error::Subscribe)?;
+        // A rebuild of a table with thousands of set members is a burst of notifications;
+        // room for it avoids a needless ENOBUFS (which would still be handled: see `next`).
+        let _ = nix::sys::socket::setsockopt(&*socket, sockopt::RcvBufForce, &NFT_RCVBUF);
+        Ok(Notifications {
+            routes,
+            nft,
+            ours: Vec::new(),
+        })
+    }
+
+    /// Waits for the next notification; true if it may mean drift. Lost notifications count
+    /// as drift: whatever they said is unknown. Cancel safe (one receive per poll).
+    async fn next(&mut self) -> Result<bool, Error> {
+        tokio::select! {
+            // Every route message counts, including the overrun marker that netlink-proto
+            // hands on when the kernel reports ENOBUFS.
+            event = self.routes.next() => match event {
+                Some(_) => Ok(true),
+                None => Err(Error::Closed),
+            },
+            received = self.nft.recv_from_full() => match received {
+                Ok((datagram, _)) => Ok(foreign_change(&datagram, &self.ours)),
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => Ok(true),
+                Err(e) => Err(Error::Subscribe(e)),
+            },
+        }
+    }
+
+    /// Lets a burst settle (a link flap removes every route, one message at a time),
+    /// swallowing what else arrives meanwhile: the look that follows sees all of it.
+    async fn settle(&mut self) -> Result<(), Error> {
+        let settle = tokio::time::sleep(SETTLE);
+        tokio::pin!(settle);
+        loop {
+            tokio::select! {
+                _ = &mut settle => return Ok(()),
+                drift = self.next() => {
+                    drift?;
+                }
+            }
+        }
+    }
+}
+
+/// Whether an nftables notification datagram holds a change that none of our own sockets
+/// made. The kernel stamps each notification with the port id of the socket whose
+/// transaction caused it; every transaction also ends with a new-generation message, which
+/// says nothing by itself.
+fn foreign_change(datagram: &[u8], ours: &[u32]) -> bool {
     let mut rest = datagram;
     while rest.len() >= 16 {
         let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
         let kind = u16::from_ne_bytes([rest[4], rest[5]]);
-        if !matches!(
-            (kind & 0xff) as u8,
-            NFT_MSG_NEWSETELEM | NFT_MSG_DELSETELEM | NFT_MSG_NEWGEN
-        ) {
+        let portid = u32::from_ne_bytes([rest[12], rest[13], rest[14], rest[15]]);
+        if (kind & 0xff) as u8 != NFT_MSG_NEWGEN && !ours.contains(&portid) {
             return true;
         }
         if len < 16 {
@@ -227,10 +292,112 @@ fn structural(datagram: &[u8]) -> bool {
     false
 }
 
+/// When to look at the node next. Looks that end in sync (or waiting for the interface)
+/// clear it; a look that had to repair something is checked again at once, and any further
+/// look that does not end in sync (the kernel refused, or something undoes each repair)
+/// waits twice as long as the one before, from [`BACKOFF_MIN`] to [`BACKOFF_MAX`]. So no
+/// loop of repairs and the notifications they cause can spin.
+#[derive(Debug)]
+struct Retry {
+    /// The node may have drifted since the last look.
+    pending: bool,
+    not_before: tokio::time::Instant,
+    backoff: Duration,
+    /// The last look ended in sync or waiting: a repair now starts a new episode.
+    settled: bool,
+    /// What the interface was last found waiting for, so that it is said once.
+    waiting: Option<String>,
+}
+
+impl Default for Retry {
+    fn default() -> Retry {
+        Retry {
+            pending: false,
+            not_before: tokio::time::Instant::now(),
+            backoff: Duration::ZERO,
+            settled: true,
+            waiting: None,
+        }
+    }
+}
+
+impl Retry {
+    fn drift(&mut self) {
+        self.pending = true;
+    }
+
+    fn due(&self) -> bool {
+        self.pending && tokio::time::Instant::now() >= self.not_before
+    }
+
+    fn grow(&mut self) {
+        self.backoff = (self.backoff * 2).clamp(BACKOFF_MIN, BACKOFF_MAX);
+    }
+
+    /// Takes the outcome of a look, logs it, and decides when to look again.
+    fn after(&mut self, outcome: Outcome) {
+        self.pending = false;
+        match outcome {
+            Outcome::InSync => {
+                self.waiting = None;
+                self.backoff = Duration::ZERO;
+                self.settled = true;
+                tracing::debug!("node policy in sync");
+            }
+            Outcome::Waiting(problem) => {
+                // Nothing was changed, and the interface's return is itself a notification:
+                // the next one is looked at without delay. Said once per problem.
+                if self.waiting.as_ref() != Some(&problem) {
+                    tracing::warn!("node policy not applied, waiting for the interface: {problem}");
+                }
+                self.waiting = Some(problem);
+                self.backoff = Duration::ZERO;
+                self.settled = true;
+            }
+            Outcome::Repaired(lines) => {
+                self.waiting = None;
+                for line in lines {
+                    tracing::warn!("repaired: {line}");
+                }
+                if !self.settled {
+                    self.grow();
+                }
+                self.settled = false;
+                self.pending = true;
+            }
+            Outcome::Failed(problem) => {
+                self.waiting = None;
+                self.grow();
+                self.settled = false;
+                self.pending = true;
+                tracing::warn!(
+                    "node policy not applied, retrying in {:.1} s: {problem}",
+                    self.backoff.as_secs_f64()
+                );
+            }
+        }
+        self.not_before = tokio::time::Instant::now() + self.backoff;
+    }
+}
+
+/// What one look at the node found and did.
+#[derive(Debug)]
+enum Outcome {
+    InSync,
+    /// One line per repair: what was wrong, and what was done.
+    Repaired(Vec<String>),
+    /// The interface is missing, down, or without an address on the gateway's subnet:
+    /// nothing can be applied until that changes.
+    Waiting(String),
+    /// Reading, resolving or applying failed otherwise (for example the kernel refused).
+    Failed(String),
+}
+
 /// Starts the thread that serves set changes on this namespace's socket; returns its path.
 /// The thread lives as long as the process (a reload that moves the state directory starts
-/// another one; the old socket file is removed, so nobody reaches the old thread).
-fn serve(config: &Config) -> Result<PathBuf, Error> {
+/// another one; the old socket file is removed, so nobody reaches the old thread). Its
+/// nftables socket joins our own in `notifications`.
+fn serve(config: &Config, notifications: &mut Notifications) -> Result<PathBuf, Error> {
     let path = socket_path(&config.jobs.state_dir)?;
     let listen_error = |source| Error::Listen {
         path: path.clone(),
@@ -243,6 +410,9 @@ fn serve(config: &Config) -> Result<PathBuf, Error> {
     std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
         .map_err(listen_error)?;
     let mut nft = Netfilter::open().map_err(node::Error::from)?;
+    notifications
+        .ours
+        .push(nft.portid().map_err(node::Error::from)?);
     std::thread::Builder::new()
         .name("set changes".into())
         .spawn(move || {
@@ -254,17 +424,54 @@ fn serve(config: &Config) -> Result<PathBuf, Error> {
     Ok(path)
 }
 
-/// Applies the policy if it drifted, logging each change.
-async fn reconcile(config: &Config, handles: &mut Handles) -> Result<(), node::Error> {
-    let node = Node::load(config, handles).await?;
+/// Looks at the node once and applies the policy if it drifted.
+async fn reconcile(config: &Config, handles: &mut Handles) -> Outcome {
+    let node = match Node::load(config, handles).await {
+        Ok(node) => node,
+        Err(e) if waits_for_interface(&e) => return Outcome::Waiting(e.to_string()),
+        Err(e) => return Outcome::Failed(e.to_string()),
+    };
     if node.plan.is_empty() {
-        return Ok(());
+        return Outcome::InSync;
     }
-    node.apply(handles).await?;
-    for line in node.plan.to_string().lines() {
-        tracing::warn!("repaired: {line}");
+    match node.apply(handles).await {
+        Ok(()) => Outcome::Repaired(repairs(&node.plan)),
+        Err(e) => Outcome::Failed(e.to_string()),
     }
-    Ok(())
+}
+
+/// Whether the policy cannot be applied because of the interface's present state (missing,
+/// down, no address on the gateway's subnet): the routing module refuses to derive routes
+/// from it. Only a link or address change, or a new config, can end that, and both wake us.
+fn waits_for_interface(e: &node::Error) -> bool {
+    matches!(e, node::Error::Routing(routing::Error::Config { .. }))
+}
+
+/// One line per difference of an applied plan: what was wrong, then what was done.
+fn repairs(plan: &Plan) -> Vec<String> {
+    use netfilter::Difference as Nft;
+    use routing::Difference as Route;
+    // Any structural difference replaces the whole table, in one transaction.
+    let rebuilt = plan.netfilter.iter().any(Nft::is_structural);
+    let nft = plan.netfilter.iter().map(|d| {
+        let done = match d {
+            Nft::TableMissing { .. } => "created",
+            _ if rebuilt => "table rebuilt",
+            Nft::ElementMissing { .. } => "added",
+            _ => "removed",
+        };
+        format!("nftables: {d} -> {done}")
+    });
+    let routes = plan.routing.iter().map(|d| {
+        let done = match d {
+            Route::MissingRule(..) | Route::MissingRoute(..) => "added",
+            Route::WrongRoute { .. } => "replaced",
+            Route::StaleRule(..) | Route::ExtraRoute(..) => "deleted",
+            Route::TableName { .. } => "written",
+        };
+        format!("routing: {d} -> {done}")
+    });
+    nft.chain(routes).collect()
 }
 
 /// Answers one set change request from a root client: `ok`, or `error <errno> <message>`.
@@ -290,4 +497,120 @@ fn answer(stream: UnixStream, nft: &mut Netfilter) {
         _ => format!("error {} bad request {:?}\n", libc::EINVAL, line.trim()),
     };
     let _ = (&stream).write_all(reply.as_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failed() -> Outcome {
+        Outcome::Failed("refused".into())
+    }
+
+    #[test]
+    fn refusals_back_off_from_the_minimum_to_the_cap_and_a_clean_look_resets() {
+        let mut retry = Retry::default();
+        let mut waits = Vec::new();
+        for _ in 0..10 {
+            retry.after(failed());
+            assert!(retry.pending, "a refusal is retried without a notification");
+            waits.push(retry.backoff.as_millis());
+        }
+        assert_eq!(
+            waits,
+            [200, 400, 800, 1600, 3200, 6400, 12800, 25600, 30000, 30000]
+        );
+        retry.after(Outcome::InSync);
+        assert!(!retry.pending);
+        assert_eq!(retry.backoff, Duration::ZERO);
+    }
+
+    #[test]
+    fn a_repair_is_checked_again_at_once_but_repeated_repairs_back_off() {
+        let mut retry = Retry::default();
+        retry.after(Outcome::Repaired(vec!["x".into()]));
+        assert!(retry.pending && retry.backoff == Duration::ZERO);
+        // Something undoes each repair.
+        retry.after(Outcome::Repaired(vec!["x".into()]));
+        assert_eq!(retry.backoff, BACKOFF_MIN);
+        retry.after(Outcome::Repaired(vec!["x".into()]));
+        assert_eq!(retry.backoff, BACKOFF_MIN * 2);
+        retry.after(Outcome::InSync);
+        retry.after(Outcome::Repaired(vec!["x".into()]));
+        assert_eq!(retry.backoff, Duration::ZERO, "a new episode starts fresh");
+    }
+
+    #[test]
+    fn waiting_for_the_interface_delays_nothing() {
+        let mut retry = Retry::default();
+        for _ in 0..4 {
+            retry.after(failed());
+        }
+        retry.after(Outcome::Waiting("ib0 is down".into()));
+        assert!(!retry.pending, "the interface's return is a notification");
+        retry.drift();
+        assert!(retry.due(), "and it is looked at without delay");
+    }
+
+    /// A netlink message header of nf_tables message `kind` from port `portid`.
+    fn message(kind: u8, portid: u32) -> Vec<u8> {
+        let mut m = Vec::new();
+        m.extend_from_slice(&20u32.to_ne_bytes());
+        m.extend_from_slice(&((10u16 << 8) | u16::from(kind)).to_ne_bytes());
+        m.extend_from_slice(&0u16.to_ne_bytes());
+        m.extend_from_slice(&0u32.to_ne_bytes());
+        m.extend_from_slice(&portid.to_ne_bytes());
+        m.extend_from_slice(&[0; 4]);
+        m
+    }
+
+    #[test]
+    fn only_changes_by_others_count() {
+        const NEWTABLE: u8 = 0;
+        const DELSETELEM: u8 = 14;
+        let ours = [4242, 4243];
+        let own = [message(DELSETELEM, 4243), message(NFT_MSG_NEWGEN, 4243)].concat();
+        assert!(!foreign_change(&own, &ours));
+        assert!(!foreign_change(&message(NFT_MSG_NEWGEN, 77), &ours));
+        // `nft flush set`, by someone else.
+        let flush = [message(DELSETELEM, 77), message(NFT_MSG_NEWGEN, 77)].concat();
+        assert!(foreign_change(&flush, &ours));
+        assert!(foreign_change(&message(NEWTABLE, 0), &ours));
+    }
+
+    #[test]
+    fn each_repair_says_what_was_wrong_and_what_was_done() {
+        let plan = Plan {
+            netfilter: vec![netfilter::Difference::ElementMissing {
+                set: "jobs".into(),
+                key: KeyType::Uid,
+                value: 1001,
+            }],
+            routing: vec![],
+        };
+        assert_eq!(
+            repairs(&plan),
+            ["nftables: set jobs: element 1001 missing -> added"]
+        );
+        let plan = Plan {
+            netfilter: vec![
+                netfilter::Difference::ChainMissing {
+                    chain: "select".into(),
+                },
+                netfilter::Difference::ElementUnexpected {
+                    set: "users".into(),
+                    key: KeyType::Uid,
+                    value: 0,
+                },
+            ],
+            routing: vec![],
+        };
+        assert_eq!(
+            repairs(&plan),
+            [
+                "nftables: chain select is missing -> table rebuilt",
+                "nftables: set users: unexpected element 0 -> table rebuilt",
+            ]
+        );
+    }
 }

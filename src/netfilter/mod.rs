@@ -60,6 +60,16 @@ impl Netfilter {
         self.sock.close_detached();
     }
 
+    /// This socket's netlink port id: the nf_tables notifications its transactions cause
+    /// carry it, which lets a listener tell its own changes from everybody else's.
+    pub fn portid(&self) -> Result<u32> {
+        self.sock.portid().map_err(|source| Error::Netlink {
+            object: "nf_tables".to_owned(),
+            action: "read the port id",
+            source,
+        })
+    }
+
     /// The live table, or `None` if there is no such table.
     pub fn read(&mut self, family: Family, name: &str) -> Result<Option<LiveTable>> {
         live::read(&mut self.sock, family, name)

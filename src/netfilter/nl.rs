@@ -242,6 +242,35 @@ impl Socket {
         Ok(socket)
     }
 
+    /// The socket's netlink port id, which the kernel stamps (as `nlmsg_pid`) on the ruleset
+    /// notifications that this socket's transactions cause. An unbound socket is bound first
+    /// (the kernel would do that at its first send anyway), so the id never changes later.
+    pub fn portid(&self) -> io::Result<u32> {
+        let fd = self.fd.as_raw_fd();
+        let len = std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
+        // SAFETY: an all-zero sockaddr_nl is valid: family, port id and groups unset.
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        let mut got = len;
+        // SAFETY: `addr` has room for `got` bytes.
+        if unsafe { libc::getsockname(fd, (&raw mut addr).cast(), &mut got) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if addr.nl_pid != 0 {
+            return Ok(addr.nl_pid);
+        }
+        addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        // SAFETY: binding to port id 0 asks the kernel to pick one; `addr` is `len` bytes.
+        if unsafe { libc::bind(fd, (&raw const addr).cast(), len) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        got = len;
+        // SAFETY: as above.
+        if unsafe { libc::getsockname(fd, (&raw mut addr).cast(), &mut got) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(addr.nl_pid)
+    }
+
     fn set_opt<T>(&self, level: i32, name: i32, value: &T) -> io::Result<()> {
         // SAFETY: `value` is a valid `T` of the size passed.
         let rc = unsafe {
