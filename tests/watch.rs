@@ -496,7 +496,7 @@ fn watch_backs_off_while_the_kernel_refuses_and_repairs_when_it_stops() {
     assert_eq!(tcp(&lab, &w, "aliprod", "8080"), NATTED);
     let text = log_text(&lab, "watch.log");
     assert!(
-        text.contains("the kernel refused to add the table"),
+        text.contains("the kernel refused to add the table (another process owns the table: nftables `flags owner`)"),
         "{text}"
     );
 }

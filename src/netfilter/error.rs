@@ -30,13 +30,29 @@ pub enum Error {
     Invalid { object: String, source: io::Error },
 }
 
+/// Why the kernel says EPERM: without CAP_NET_ADMIN, that; with it, another process owns the
+/// table (nftables' `owner` flag: nobody else may change it while that process lives).
 fn root_hint(source: &io::Error) -> &'static str {
     match source.raw_os_error() {
+        Some(libc::EPERM | libc::EACCES) if has_net_admin() => {
+            " (another process owns the table: nftables `flags owner`)"
+        }
         Some(libc::EPERM | libc::EACCES) => {
             " (this needs root: CAP_NET_ADMIN in the current network namespace)"
         }
         _ => "",
     }
+}
+
+/// Whether the calling thread has CAP_NET_ADMIN (bit 12 of `CapEff`).
+fn has_net_admin() -> bool {
+    std::fs::read_to_string("/proc/thread-self/status")
+        .ok()
+        .and_then(|status| {
+            let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+            u64::from_str_radix(hex.trim(), 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << 12) != 0)
 }
 
 impl Error {
