@@ -322,6 +322,17 @@ fn slurms_own_job_cgroup_is_used_where_it_exists() {
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     };
     assert_eq!(as_task(&task), NATTED);
+    // A flushed set gets the job's cgroup back from the ledger (as `watch` does it).
+    lab.net.ok(
+        &w1,
+        &["nft", "flush", "set", "inet", "slurm_egress", "jobs"],
+    );
+    assert!(as_task(&task).starts_with("error="));
+    assert!(
+        lab.egress_ok(&w1, &config, &["apply"])
+            .contains(&format!("element {id}"))
+    );
+    assert_eq!(as_task(&task), NATTED);
     let elsewhere = tree.0.join("elsewhere");
     std::fs::create_dir_all(&elsewhere).unwrap();
     assert!(as_task(&elsewhere).starts_with("error="));
