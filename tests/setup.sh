@@ -17,6 +17,8 @@ packages=(
     iproute2 nftables iptables keepalived conntrackd conntrack
     # test hosts and tools
     python3 util-linux procps passwd
+    # `systemd-analyze verify` of the units
+    systemd
 )
 missing=()
 for p in "${packages[@]}"; do
