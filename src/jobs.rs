@@ -101,7 +101,7 @@ pub fn end(config: &Config, id: u32, node_name: &str) -> Result<Ended, Error> {
     };
     let job = node.jobs.remove(at);
     ledger.write(&mut node)?;
-    let released = !ledger.uids_here()?.contains(&job.uid);
+    let released = !ledger.runs_here(job.uid, &node)?;
     if released {
         change_set(config, SetChange::Remove(job.uid))?;
     }
