@@ -165,20 +165,21 @@ pub fn end(config: &Config, id: u32, node_name: &str) -> Result<Ended, Error> {
     };
     let job = node.jobs.remove(at);
     ledger.write(&mut node)?;
-    let running = ledger.running_here()?;
     let mut moved = 0;
     let released = match (&config.select.by, &job.cgroup) {
-        (By::Uid, _) if !running.uids.contains(&job.uid) => {
-            change_set(config, SetChange::Remove(Member::Uid(job.uid)))?;
-            true
+        (By::Uid, _) => {
+            let released = !ledger.runs_here(job.uid, &node)?;
+            if released {
+                change_set(config, SetChange::Remove(Member::Uid(job.uid)))?;
+            }
+            released
         }
-        (By::Uid, _) => false,
         // No task ever started here: nothing to take back.
         (By::Cgroup { .. }, None) => true,
         (By::Cgroup { .. }, Some(c)) => {
             // The same job on another node of this namespace (a second slurmd) still runs
             // in it.
-            if !running.cgroups.contains(&c.id) {
+            if !ledger.running_here()?.cgroups.contains(&c.id) {
                 change_set(config, SetChange::Remove(Member::Cgroup(c.id)))?;
             }
             let elsewhere = ledger

@@ -2,11 +2,13 @@
 //! `jobs` set only when its last selected job on the node ends, and so that `apply` can put
 //! back set members that someone flushed.
 //!
-//! One small TOML file per Slurm node (`<state_dir>/nodes/<node>.toml`), never per host:
+//! One small JSON file per Slurm node (`<state_dir>/nodes/<node>.json`), never per host:
 //! several slurmd may share a host. Each file records the network namespace its node runs in,
 //! because the nftables set lives there: the set of a namespace is the union of the ledgers
 //! of the nodes in it. The state directory is on tmpfs (`/run`), so the ledger survives slurmd
-//! restarts and is empty after a reboot, exactly like the kernel state it mirrors.
+//! restarts and is empty after a reboot, exactly like the kernel state it mirrors. JSON, not
+//! TOML like the config: every job start and end reads a whole ledger while holding the lock,
+//! and a 1000-job ledger took 4 ms to parse as TOML, about 0.2 ms as JSON.
 //!
 //! Every change to a ledger *and* to the set happens under one exclusive `flock` on
 //! `<state_dir>/lock`, so concurrent job starts and ends on a node never lose an update. The
@@ -22,7 +24,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -117,26 +119,11 @@ impl Ledger {
             .write(true)
             .open(&path)
             .at(&path)?;
-        let start = Instant::now();
-        let mut pause = Duration::from_micros(50);
-        loop {
-            // SAFETY: flock on a descriptor we own.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-                break;
-            }
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EWOULDBLOCK) && e.kind() != io::ErrorKind::Interrupted
-            {
-                return Err(e).at(&path);
-            }
-            if start.elapsed() > LOCK_WAIT {
-                return Err(Error::LockTimeout {
-                    path,
-                    waited: LOCK_WAIT,
-                });
-            }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(20));
+        if !flock(&file, libc::LOCK_NB).at(&path)? && !wait_for_lock(&file).at(&path)? {
+            return Err(Error::LockTimeout {
+                path,
+                waited: LOCK_WAIT,
+            });
         }
         Ok(Ledger {
             dir: state_dir.to_owned(),
@@ -152,7 +139,7 @@ impl Ledger {
         {
             return Err(Error::BadNode(node.to_owned()));
         }
-        Ok(self.dir.join("nodes").join(format!("{node}.toml")))
+        Ok(self.dir.join("nodes").join(format!("{node}.json")))
     }
 
     /// The ledger of `node`; empty if it has none yet.
@@ -182,7 +169,7 @@ impl Ledger {
         }
         node.netns = current_netns()?;
         node.boot = boot_id()?;
-        let text = toml::to_string(node).map_err(|e| Error::Corrupt {
+        let text = serde_json::to_string(node).map_err(|e| Error::Corrupt {
             path: path.clone(),
             message: e.to_string(),
         })?;
@@ -194,17 +181,36 @@ impl Ledger {
 
     /// Every node ledger, in node name order.
     pub fn all(&self) -> Result<Vec<Node>, Error> {
+        let mut nodes = self.read_all_but(None)?;
+        nodes.sort_by(|a, b| a.node.cmp(&b.node));
+        Ok(nodes)
+    }
+
+    fn read_all_but(&self, skip: Option<&Path>) -> Result<Vec<Node>, Error> {
         let dir = self.dir.join("nodes");
         let mut nodes = Vec::new();
         for entry in fs::read_dir(&dir).at(&dir)? {
             let path = entry.at(&dir)?.path();
-            if path.extension().is_some_and(|x| x == "toml") {
+            if path.extension().is_some_and(|x| x == "json") && Some(path.as_path()) != skip {
                 let text = fs::read_to_string(&path).at(&path)?;
                 nodes.push(parse(&text, &path)?);
             }
         }
-        nodes.sort_by(|a, b| a.node.cmp(&b.node));
         Ok(nodes)
+    }
+
+    /// Whether `uid` still has a job on a node in the current network namespace, `node` being
+    /// one as just written: it is not read back, since every read of a 1000-job ledger is a
+    /// parse under the lock.
+    pub fn runs_here(&self, uid: u32, node: &Node) -> Result<bool, Error> {
+        if node.jobs.iter().any(|j| j.uid == uid) {
+            return Ok(true);
+        }
+        let here = current_netns()?;
+        Ok(self
+            .read_all_but(Some(&self.path(&node.node)?))?
+            .iter()
+            .any(|n| n.netns == here && n.jobs.iter().any(|j| j.uid == uid)))
     }
 
     /// What the `jobs` set of the current network namespace must hold: the owners or
@@ -258,9 +264,50 @@ impl Ledger {
     }
 }
 
+/// `flock(LOCK_EX | extra)`: whether it was taken (`false`: held elsewhere, with `LOCK_NB`).
+fn flock(file: &File, extra: i32) -> io::Result<bool> {
+    loop {
+        // SAFETY: flock on a descriptor that `file` keeps open.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | extra) } == 0 {
+            return Ok(true);
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EWOULDBLOCK) => return Ok(false),
+            _ => return Err(e),
+        }
+    }
+}
+
+/// Waits for the lock in the kernel's queue, at most [`LOCK_WAIT`]; whether it was taken.
+///
+/// Not by polling: a burst of a thousand prologs polling with backoff left the lock idle
+/// between polls and starved its holder of CPU (3-6 s for 1000 job starts). A helper thread
+/// blocks in `flock` on a duplicate of the descriptor, which shares the lock; after a timeout
+/// nobody waits for it, and the lock, should it still come, goes with the last descriptor.
+fn wait_for_lock(file: &File) -> io::Result<bool> {
+    let waiter = file.try_clone()?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let thread = std::thread::Builder::new()
+        .name("ledger lock".into())
+        .spawn(move || {
+            let _ = tx.send(flock(&waiter, 0));
+        })?;
+    match rx.recv_timeout(LOCK_WAIT) {
+        Ok(taken) => {
+            // Until the thread has closed its duplicate, a fork (the detached socket closer)
+            // would inherit the lock and hold it for as long as it lives.
+            let _ = thread.join();
+            taken
+        }
+        Err(_) => Ok(false),
+    }
+}
+
 /// Parses a ledger; one written before the last boot has no jobs.
 fn parse(text: &str, path: &Path) -> Result<Node, Error> {
-    let mut node: Node = toml::from_str(text).map_err(|e| Error::Corrupt {
+    let mut node: Node = serde_json::from_str(text).map_err(|e| Error::Corrupt {
         path: path.to_owned(),
         message: e.to_string(),
     })?;
@@ -336,8 +383,8 @@ mod tests {
             jobs: vec![job(4, 1004)],
         };
         fs::write(
-            dir.join("nodes/w3.toml"),
-            toml::to_string(&elsewhere).unwrap(),
+            dir.join("nodes/w3.json"),
+            serde_json::to_string(&elsewhere).unwrap(),
         )
         .unwrap();
         assert_eq!(ledger.read("w1").unwrap(), w1);
@@ -362,7 +409,7 @@ mod tests {
         assert_eq!(ledger.all().unwrap().len(), 3);
         elsewhere.jobs.clear();
         ledger.write(&mut elsewhere).unwrap();
-        assert!(!dir.join("nodes/w3.toml").exists());
+        assert!(!dir.join("nodes/w3.json").exists());
         drop(ledger);
         fs::remove_dir_all(&dir).unwrap();
     }
@@ -376,14 +423,15 @@ mod tests {
         }
         // A ledger from an earlier boot is empty.
         fs::write(
-            dir.join("nodes/w8.toml"),
-            "node = \"w8\"\nnetns = \"x\"\nboot = \"old\"\n[[job]]\nid = 1\nuid = 2\nreason = \"r\"\nstarted = 0\n",
+            dir.join("nodes/w8.json"),
+            r#"{"node": "w8", "netns": "x", "boot": "old",
+                "job": [{"id": 1, "uid": 2, "reason": "r", "started": 0}]}"#,
         )
         .unwrap();
         assert!(ledger.read("w8").unwrap().jobs.is_empty());
-        fs::write(dir.join("nodes/w9.toml"), "node = 3").unwrap();
+        fs::write(dir.join("nodes/w9.json"), r#"{"node": 3}"#).unwrap();
         let e = ledger.read("w9").unwrap_err().to_string();
-        assert!(e.contains("w9.toml: corrupt ledger"), "{e}");
+        assert!(e.contains("w9.json: corrupt ledger"), "{e}");
         drop(ledger);
         fs::remove_dir_all(&dir).unwrap();
     }

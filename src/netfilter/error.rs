@@ -16,7 +16,10 @@ pub enum Error {
         source: io::Error,
     },
     /// The kernel refused a message; the whole transaction was rolled back.
-    #[error("{object}: the kernel refused to {action}{}", root_hint(source))]
+    #[error(
+        "{object}: the kernel refused to {action}{}",
+        eperm_hint(source, has_net_admin())
+    )]
     Refused {
         object: String,
         action: &'static str,
@@ -32,9 +35,9 @@ pub enum Error {
 
 /// Why the kernel says EPERM: without CAP_NET_ADMIN, that; with it, another process owns the
 /// table (nftables' `owner` flag: nobody else may change it while that process lives).
-fn root_hint(source: &io::Error) -> &'static str {
+pub(crate) fn eperm_hint(source: &io::Error, net_admin: bool) -> &'static str {
     match source.raw_os_error() {
-        Some(libc::EPERM | libc::EACCES) if has_net_admin() => {
+        Some(libc::EPERM | libc::EACCES) if net_admin => {
             " (another process owns the table: nftables `flags owner`)"
         }
         Some(libc::EPERM | libc::EACCES) => {
