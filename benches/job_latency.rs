@@ -12,18 +12,29 @@
 //!   reaping the child, so the process's exit (where the kernel may make a closing netlink
 //!   socket wait) is included, as slurmd sees it;
 //! * `nft add element` / `nft delete element`, run as a program, the way a prolog script
-//!   would.
+//!   would;
+//! * bursts of [`BURST`] jobs on one node at once, each in a process of its own like the
+//!   prologs and epilogs slurmd forks: all starting, half ending while as many start (some
+//!   owners losing their last job while others gain one), all ending. Timed from the moment
+//!   the forked processes are let go until the last has exited; afterwards the `jobs` set and
+//!   the ledger must be exactly what the jobs still running call for, or the benchmark fails.
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::fd::AsFd;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use slurm_egress::config::Config;
 use slurm_egress::jobs::{self, Job};
+use slurm_egress::ledger::Ledger;
+use slurm_egress::netfilter::{Family, Netfilter};
 use slurm_egress::node::{JOBS, TABLE};
 
 const RUNS: usize = 1000;
 const UID: u32 = 5001;
+/// Jobs per burst.
+const BURST: u32 = 1000;
 
 fn config(state: &Path) -> Config {
     Config::parse(&config_text(state), Path::new("bench.toml")).expect("bench config")
@@ -52,12 +63,23 @@ state_dir = "{}"
 }
 
 fn job(id: u32) -> Job {
+    job_of(id, UID)
+}
+
+fn job_of(id: u32, uid: u32) -> Job {
     Job {
         id,
-        uid: UID,
+        uid,
         account: Some("alice".into()),
         node: "bench".into(),
     }
+}
+
+/// Whether a job start or end in a child succeeded; says why not.
+fn ok<T>(result: Result<T, jobs::Error>) -> bool {
+    result
+        .inspect_err(|e| eprintln!("job_latency: in a child: {e}"))
+        .is_ok()
 }
 
 /// Reaps finished children (the detached closers) without waiting.
@@ -170,15 +192,186 @@ fn phase(config: &Config, first_id: u32) -> Phase {
         jobs::end(config, id, "bench").unwrap();
         p.end_in.push(t.elapsed());
         p.start_proc
-            .push(in_child(|| jobs::start(config, &job(id + 1)).is_ok()));
+            .push(in_child(|| ok(jobs::start(config, &job(id + 1)))));
         p.end_proc
-            .push(in_child(|| jobs::end(config, id + 1, "bench").is_ok()));
+            .push(in_child(|| ok(jobs::end(config, id + 1, "bench"))));
         reap();
     }
     // Let detached closers finish before the next phase.
     std::thread::sleep(Duration::from_millis(500));
     reap();
     p
+}
+
+/// One job start or end, as a prolog or epilog process does it.
+#[derive(Clone, Copy)]
+enum Op {
+    Start { id: u32, uid: u32 },
+    End { id: u32 },
+}
+
+/// Runs every op in a forked process of its own, all let go at once; returns the time from
+/// letting them go until the last one is reaped. Forking is not timed: slurmd forks its
+/// prologs anyway, and the per-process figures above include it.
+fn burst(config: &Config, ops: &[Op]) -> Duration {
+    let (go_read, go_write) = nix::unistd::pipe().expect("pipe");
+    let mut children = Vec::with_capacity(ops.len());
+    for &op in ops {
+        // SAFETY: the benchmark is single-threaded; the child runs the op and `_exit`s.
+        match unsafe { nix::unistd::fork() }.expect("fork") {
+            nix::unistd::ForkResult::Child => {
+                drop(go_write);
+                // Blocks until the parent closes its write end: the start signal.
+                let _ = nix::unistd::read(go_read.as_fd(), &mut [0u8]);
+                let result = match op {
+                    Op::Start { id, uid } => jobs::start(config, &job_of(id, uid)).map(|_| ()),
+                    Op::End { id } => jobs::end(config, id, "bench").map(|_| ()),
+                };
+                unsafe { libc::_exit(if ok(result) { 0 } else { 1 }) }
+            }
+            nix::unistd::ForkResult::Parent { child } => children.push(child),
+        }
+    }
+    drop(go_read);
+    let start = Instant::now();
+    drop(go_write);
+    for child in children {
+        let status = nix::sys::wait::waitpid(child, None).expect("waitpid");
+        assert_eq!(
+            status,
+            nix::sys::wait::WaitStatus::Exited(child, 0),
+            "a job start or end failed in the burst"
+        );
+    }
+    start.elapsed()
+}
+
+/// Like [`burst`], but each op on a thread of this process: the same work without the
+/// processes' own cost (forking done, the rest: scheduling a thousand of them, exiting).
+fn burst_threads(config: &Config, ops: &[Op]) -> Duration {
+    let go = std::sync::Barrier::new(ops.len() + 1);
+    std::thread::scope(|s| {
+        let threads: Vec<_> = ops
+            .iter()
+            .map(|&op| {
+                let go = &go;
+                s.spawn(move || {
+                    go.wait();
+                    ok(match op {
+                        Op::Start { id, uid } => jobs::start(config, &job_of(id, uid)).map(|_| ()),
+                        Op::End { id } => jobs::end(config, id, "bench").map(|_| ()),
+                    })
+                })
+            })
+            .collect();
+        go.wait();
+        let start = Instant::now();
+        for t in threads {
+            assert!(t.join().unwrap(), "a job start or end failed in the burst");
+        }
+        start.elapsed()
+    })
+}
+
+/// Fails loudly unless the ledger holds exactly `running` (job id to uid) and the `jobs`
+/// set exactly their owners.
+fn check_exact(config: &Config, running: &BTreeMap<u32, u32>, what: &str) {
+    let ledger: BTreeMap<u32, u32> = Ledger::lock(&config.jobs.state_dir)
+        .and_then(|l| l.read("bench"))
+        .expect("read the ledger")
+        .jobs
+        .iter()
+        .map(|j| (j.id, j.uid))
+        .collect();
+    assert!(
+        ledger == *running,
+        "{what}: the ledger is wrong: {} jobs recorded, {} running; missing {:?}, extra {:?}",
+        ledger.len(),
+        running.len(),
+        running
+            .keys()
+            .filter(|id| !ledger.contains_key(id))
+            .collect::<Vec<_>>(),
+        ledger
+            .keys()
+            .filter(|id| !running.contains_key(id))
+            .collect::<Vec<_>>()
+    );
+    let want: BTreeSet<u32> = running.values().copied().collect();
+    let table = Netfilter::open()
+        .and_then(|mut n| n.read(Family::Inet, TABLE))
+        .expect("read the nftables table")
+        .expect("the node table exists");
+    let set = &table
+        .sets
+        .iter()
+        .find(|s| s.name == JOBS)
+        .expect("the jobs set")
+        .elements;
+    assert!(
+        *set == want,
+        "{what}: the jobs set is wrong: missing {:?}, extra {:?}",
+        want.difference(set).collect::<Vec<_>>(),
+        set.difference(&want).collect::<Vec<_>>()
+    );
+}
+
+/// The three bursts, run by `burst`, each checked for exactness; job ids from `first_id` on.
+fn bursts(config: &Config, first_id: u32, burst: fn(&Config, &[Op]) -> Duration) -> [Duration; 3] {
+    // 250 owners with four jobs each.
+    let uid = |i: u32| 7000 + i % 250;
+    let mut running = BTreeMap::new();
+    let ops: Vec<Op> = (0..BURST)
+        .map(|i| Op::Start {
+            id: first_id + i,
+            uid: uid(i),
+        })
+        .collect();
+    let all_start = burst(config, &ops);
+    running.extend((0..BURST).map(|i| (first_id + i, uid(i))));
+    check_exact(config, &running, "after the start burst");
+
+    // The odd jobs end: owners 7001, 7003, ... lose all four. Meanwhile as many start: 60
+    // of those owners get a new job (they must stay in the set), the rest are new owners.
+    let mut ops = Vec::new();
+    for i in (1..BURST).step_by(2) {
+        ops.push(Op::End { id: first_id + i });
+        running.remove(&(first_id + i));
+    }
+    for j in 0..BURST / 2 {
+        let id = first_id + BURST + j;
+        let uid = if j < BURST / 4 {
+            7001 + 2 * (j % 60)
+        } else {
+            9000 + j
+        };
+        ops.push(Op::Start { id, uid });
+        running.insert(id, uid);
+    }
+    let mixed = burst(config, &ops);
+    check_exact(config, &running, "after the mixed burst");
+
+    let ops: Vec<Op> = running.keys().map(|&id| Op::End { id }).collect();
+    let all_end = burst(config, &ops);
+    running.clear();
+    check_exact(config, &running, "after the end burst");
+    [all_start, mixed, all_end]
+}
+
+/// `slurm-egress watch`, stopped by its PID when dropped, also when the benchmark fails
+/// (and only by the process that started it, not by a forked child that unwinds).
+struct Watch(std::process::Child, u32);
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        if std::process::id() == self.1 {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.0.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = self.0.wait();
+        }
+    }
 }
 
 fn main() {
@@ -217,11 +410,18 @@ fn main() {
     assert!(apply.status.success(), "{apply:?}");
 
     let without = phase(&config, 0);
+    let without_bursts = bursts(&config, 100_000, burst);
+    // Let the detached closers of the burst finish.
+    std::thread::sleep(Duration::from_millis(500));
+    reap();
 
-    let mut watch = Command::new(env!("CARGO_BIN_EXE_slurm-egress"))
-        .args(["--config", config_path.to_str().unwrap(), "watch"])
-        .spawn()
-        .expect("start slurm-egress watch");
+    let watch = Watch(
+        Command::new(env!("CARGO_BIN_EXE_slurm-egress"))
+            .args(["--config", config_path.to_str().unwrap(), "watch"])
+            .spawn()
+            .expect("start slurm-egress watch"),
+        std::process::id(),
+    );
     let socket = slurm_egress::watch::socket_path(&state).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while !socket.exists() {
@@ -229,11 +429,9 @@ fn main() {
         std::thread::sleep(Duration::from_millis(10));
     }
     let with = phase(&config, 10 * RUNS as u32);
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(watch.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let _ = watch.wait();
+    let with_bursts = bursts(&config, 200_000, burst);
+    let thread_bursts = bursts(&config, 300_000, burst_threads);
+    drop(watch);
 
     let (mut nft_add, mut nft_del) = (Vec::new(), Vec::new());
     for _ in 0..RUNS {
@@ -251,7 +449,7 @@ fn main() {
     let row = |name: &str, v: Vec<Duration>, nft: &Stats| {
         let s = stats(v);
         println!(
-            "{name:<60} {:>10} {:>10} {:>8.0}x",
+            "{name:<60} {:>10} {:>10} {:>8.1}x",
             ms(s.p50),
             ms(s.p99),
             nft.p99.as_secs_f64() / s.p99.as_secs_f64()
@@ -297,4 +495,35 @@ fn main() {
         ms(nft_del.p99)
     );
     println!("\n(nft/ours: how many times longer nft takes at p99; ledger on tmpfs)");
+
+    println!("\n{BURST} jobs at once on one node (total time; set and ledger checked)\n");
+    println!(
+        "{:<48} {:>10} {:>10} {:>10}",
+        "", "processes", "processes", "threads"
+    );
+    println!(
+        "{:<48} {:>10} {:>10} {:>10}",
+        "", "watch", "no watch", "watch"
+    );
+    for (i, name) in [
+        format!("{BURST} jobs start"),
+        format!("{} jobs end while {} start", BURST / 2, BURST / 2),
+        format!("{BURST} jobs end"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        println!(
+            "{:<48} {:>10} {:>10} {:>10}",
+            format!("  {name}"),
+            ms(with_bursts[i]),
+            ms(without_bursts[i]),
+            ms(thread_bursts[i])
+        );
+    }
+    println!(
+        "\n(processes: one forked per job, like slurmd's prologs and epilogs, all let go at \
+         once;\nthreads: the same in one process)"
+    );
+    println!("\nset and ledger after every burst: exact");
 }
