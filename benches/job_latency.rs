@@ -297,7 +297,7 @@ fn check_exact(config: &Config, running: &BTreeMap<u32, u32>, what: &str) {
             .filter(|id| !running.contains_key(id))
             .collect::<Vec<_>>()
     );
-    let want: BTreeSet<u32> = running.values().copied().collect();
+    let want: BTreeSet<u64> = running.values().map(|&uid| uid.into()).collect();
     let table = Netfilter::open()
         .and_then(|mut n| n.read(Family::Inet, TABLE))
         .expect("read the nftables table")
