@@ -268,22 +268,23 @@ fn slurms_own_job_cgroup_is_used_where_it_exists() {
     let task = job.join("step_0/user/task_0");
     std::fs::create_dir_all(&task).unwrap();
     let other = uid("se-other").to_string();
-    let start = [
-        "job",
-        "start",
-        "--job-id",
-        "77",
-        "--uid",
-        &other,
-        "--account",
-        "alice",
-        "--node",
-        "w1",
-    ];
-    assert!(
-        lab.egress_ok(&w1, &config, &start)
-            .contains("egress path on")
-    );
+    let start = |id: &str| {
+        let args = [
+            "job",
+            "start",
+            "--job-id",
+            id,
+            "--uid",
+            &other,
+            "--account",
+            "alice",
+            "--node",
+            "w1",
+        ];
+        lab.egress(&w1, &config, &args)
+    };
+    let started = start("77");
+    assert!(common::succeeded(started, "job start").contains("egress path on"));
     // Nothing in the set until a task starts.
     assert!(set_elements::<u64>(&lab.net, &w1, "jobs").is_empty());
 
@@ -350,19 +351,7 @@ fn slurms_own_job_cgroup_is_used_where_it_exists() {
     // Without the node policy a selected job's start fails (in the prolog, which drains the
     // node) and records nothing.
     lab.egress_ok(&w1, &config, &["remove"]);
-    let start = [
-        "job",
-        "start",
-        "--job-id",
-        "78",
-        "--uid",
-        &other,
-        "--account",
-        "alice",
-        "--node",
-        "w1",
-    ];
-    let out = lab.egress(&w1, &config, &start);
+    let out = start("78");
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("run `slurm-egress apply`"), "{stderr}");
