@@ -177,17 +177,23 @@ pub fn end(config: &Config, id: u32, node_name: &str) -> Result<Ended, Error> {
         // No task ever started here: nothing to take back.
         (By::Cgroup { .. }, None) => true,
         (By::Cgroup { .. }, Some(c)) => {
-            // The same job on another node of this namespace (a second slurmd) still runs
-            // in it.
-            if !ledger.running_here()?.cgroups.contains(&c.id) {
+            // The nodes where the same job still runs in this cgroup: a second slurmd in
+            // this namespace keeps its set member, one anywhere keeps the cgroup itself.
+            let here = ledger::current_netns()?;
+            let holders: Vec<String> = ledger
+                .all()?
+                .into_iter()
+                .filter(|n| {
+                    n.jobs
+                        .iter()
+                        .any(|j| j.cgroup.as_ref().is_some_and(|o| o.id == c.id))
+                })
+                .map(|n| n.netns)
+                .collect();
+            if !holders.contains(&here) {
                 change_set(config, SetChange::Remove(Member::Cgroup(c.id)))?;
             }
-            let elsewhere = ledger
-                .all()?
-                .iter()
-                .flat_map(|n| &n.jobs)
-                .any(|j| j.cgroup.as_ref().is_some_and(|o| o.id == c.id));
-            if c.own && !elsewhere {
+            if c.own && holders.is_empty() {
                 moved = Hierarchy::find()?.release(&c.path)?;
             }
             true
