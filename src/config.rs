@@ -412,7 +412,7 @@ impl Config {
         let state_dir = state_dir(j.state_dir, DEFAULT_STATE_DIR, "jobs.state_dir", &invalid)?;
 
         let router = match raw.router {
-            Some(r) => Some(parse_router(r, &lines, path)?),
+            Some(r) => Some(parse_router(r, invalid, locate)?),
             None => None,
         };
 
@@ -524,15 +524,13 @@ fn is_unicast(ip: Ipv4Addr) -> bool {
     !(ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || ip.is_broadcast())
 }
 
-fn parse_router(r: raw::RawRouter, lines: &LineIndex, path: &Path) -> Result<Router, Error> {
-    let invalid =
-        |span: std::ops::Range<usize>, key: &'static str, message: String| Error::Invalid {
-            path: path.to_owned(),
-            at: lines.locate(span.start),
-            key,
-            message,
-        };
-    let located = |at: std::ops::Range<usize>| lines.locate(at.start);
+/// `invalid` and `located` are [`Config::parse`]'s: an error at a span of the file, and the
+/// place of a span.
+fn parse_router(
+    r: raw::RawRouter,
+    invalid: impl Fn(std::ops::Range<usize>, &'static str, String) -> Error,
+    located: impl Fn(std::ops::Range<usize>) -> Location,
+) -> Result<Router, Error> {
     for (name, key) in [(&r.inside, "router.inside"), (&r.outside, "router.outside")] {
         if !interface_name_ok(name.get_ref()) {
             return Err(invalid(
