@@ -263,42 +263,21 @@ fn log(state_dir: &Path, transition: Transition, lines: &[String]) {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::setup;
+    use super::super::tests::{TOML, body, setup};
     use super::*;
 
-    const TOML: &str = r#"
-[routing]
-table = 201
-table_name = "alinat"
-mark = 0x1
-mask = 0x1
-priority = 1000
-interface = "ib0"
-gateway = "10.20.3.227"
-protocols = ["tcp"]
-
-[router]
-inside = "ib0"
-outside = "eth9"
-virtual_ip = "10.20.3.227"
-public_ip = "140.181.2.227"
-priority = 150
-peers = ["10.20.3.2"]
-virtual_router_id = 51
-state_dir = "/run/se"
-"#;
-
-    fn body(text: &str) -> Vec<String> {
-        text.lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-            .map(str::to_owned)
-            .collect()
+    /// The seed router with one peer, its state under /run/se.
+    fn one_peer() -> String {
+        TOML.replace(r#"["10.20.3.2", "10.20.3.3"]"#, r#"["10.20.3.2"]"#)
+            .replace(
+                "virtual_router_id = 51",
+                "virtual_router_id = 51\nstate_dir = \"/run/se\"",
+            )
     }
 
     #[test]
     fn one_peer_is_reached_by_unicast() {
-        let text = config(&setup(TOML), "alinat1").unwrap();
+        let text = config(&setup(&one_peer()), "alinat1").unwrap();
         let lines = body(&text);
         let at = lines.iter().position(|l| l == "UDP {").unwrap();
         assert_eq!(
@@ -344,7 +323,7 @@ state_dir = "/run/se"
 
     #[test]
     fn several_peers_are_reached_by_multicast() {
-        let text = TOML.replace("[\"10.20.3.2\"]", "[\"10.20.3.2\", \"10.20.3.3\"]");
+        let text = one_peer().replace("[\"10.20.3.2\"]", "[\"10.20.3.2\", \"10.20.3.3\"]");
         let lines = body(&config(&setup(&text), "r").unwrap());
         let at = lines.iter().position(|l| l == "Multicast {").unwrap();
         assert_eq!(
@@ -362,7 +341,7 @@ state_dir = "/run/se"
 
     #[test]
     fn no_sync_no_conntrackd() {
-        let text = TOML.replace("state_dir", "sync = false\nstate_dir");
+        let text = one_peer().replace("state_dir", "sync = false\nstate_dir");
         let e = config(&setup(&text), "r").unwrap_err().to_string();
         assert!(
             e.ends_with(": router.sync is off: this router runs no conntrackd"),

@@ -115,16 +115,8 @@ pub fn config(setup: &Setup, hook: Option<&Hook>, host: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{TOML, setup};
+    use super::super::tests::{TOML, body, setup};
     use super::*;
-
-    fn body(text: &str) -> Vec<String> {
-        text.lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-            .map(str::to_owned)
-            .collect()
-    }
 
     #[test]
     fn seed_router_with_sync() {

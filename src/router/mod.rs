@@ -451,6 +451,15 @@ advert_interval = 0.1
 virtual_router_id = 51
 "#;
 
+    /// A generated config file's lines, trimmed, without blanks and comments.
+    pub(super) fn body(text: &str) -> Vec<String> {
+        text.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(str::to_owned)
+            .collect()
+    }
+
     pub(super) fn config(text: &str) -> Config {
         Config::parse(text, Path::new("/etc/slurm-egress/config.toml")).unwrap()
     }
