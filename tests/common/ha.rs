@@ -546,12 +546,7 @@ impl Ha {
             "--duration".into(),
             duration.to_string(),
         ];
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Probe(Some(
-            self.as_user(SELECTED, &args)
-                .spawn()
-                .expect("start the probe loop"),
-        ))
+        self.spawn_selected(&args)
     }
 
     /// One connection of the selected user that receives a number every `interval`.
@@ -565,11 +560,16 @@ impl Ha {
             "--duration".into(),
             duration.to_string(),
         ];
+        self.spawn_selected(&args)
+    }
+
+    /// The probe with `args`, started as the selected user.
+    fn spawn_selected(&self, args: &[String]) -> Probe {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         Probe(Some(
             self.as_user(SELECTED, &args)
                 .spawn()
-                .expect("start the stream"),
+                .unwrap_or_else(|e| panic!("start the probe {args:?}: {e}")),
         ))
     }
 }
