@@ -234,29 +234,32 @@ users_variant() {
 }
 
 # slurm-egress with $1 running jobs of a selected account, one uid each: $1 - 1 recorded
-# in the node's ledger and put in the set by `apply` (as after a restart of the node's
-# policy; starting 10000 jobs one by one would only time the ledger), the matching user's
-# through `slurm-egress job start`, as a Prolog= script does.
+# in the node's ledger (its per-job layout, see src/ledger.rs) and put in the set by `apply`
+# (as after a restart of the node's policy; starting 10000 jobs one by one would only time
+# process start-up), the matching user's through `slurm-egress job start`, as a Prolog=
+# script does.
 jobs_variant() {
-    local n=$1 i netns boot
+    local n=$1 i node=$SCRATCH/state/nodes/bench
     ip -n "$W" route add default via "$CLOSED_GW"
     config 'accounts = ["bench"]'
-    netns=$(in_ns "$W" readlink /proc/self/ns/net)
-    boot=$(cat /proc/sys/kernel/random/boot_id)
-    mkdir -p "$SCRATCH/state/nodes"
-    {
-        printf '{"node": "bench", "netns": "%s", "boot": "%s", "job": [' "$netns" "$boot"
-        for ((i = 1; i < n; i++)); do
-            if ((i > 1)); then printf ','; fi
-            printf '{"id": %d, "uid": %d, "reason": "account bench", "started": 0}' \
-                "$i" $((100000 + i))
-        done
-        printf ']}\n'
-    } >"$SCRATCH/state/nodes/bench.json"
+    mkdir -p "$node/jobs" "$node/uids"
+    printf '{"node": "bench", "netns": "%s", "boot": "%s"}\n' \
+        "$(in_ns "$W" readlink /proc/self/ns/net)" "$(cat /proc/sys/kernel/random/boot_id)" \
+        >"$node/node.json"
+    if ((n > 1)); then
+        (cd "$node/uids" && seq 100001 $((100000 + n - 1)) | xargs mkdir)
+    fi
+    for ((i = 1; i < n; i++)); do
+        printf '{"id": %d, "uid": %d, "reason": "account bench", "started": 0}\n' \
+            "$i" $((100000 + i)) >"$node/jobs/$i.json"
+        : >"$node/uids/$((100000 + i))/$i"
+    done
     in_ns "$W" "$BIN" --config "$SCRATCH/config.toml" apply >/dev/null
     in_ns "$W" "$BIN" --config "$SCRATCH/config.toml" job start --job-id "$n" \
         --uid "$UID_SEL" --account bench --node bench | grep -q 'egress path on' ||
         die "job start did not select the bench job"
+    i=$(in_ns "$W" "$BIN" --config "$SCRATCH/config.toml" jobs --node bench | tail -n +2 | wc -l)
+    ((i == n)) || die "the ledger holds $i jobs, not $n"
 }
 
 # What the cost is made of, each on the baseline's routing (everyone via the router):

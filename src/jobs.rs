@@ -119,12 +119,10 @@ pub fn start(config: &Config, job: &Job) -> Result<Started, Error> {
         return Ok(Started::NotSelected);
     };
     let ledger = Ledger::lock(&config.jobs.state_dir)?;
-    let mut node = ledger.read(&job.node)?;
-    if node.jobs.iter().any(|j| j.id == job.id) {
+    if ledger.job(&job.node, job.id)?.is_some() {
         return Ok(Started::AlreadyTracked);
     }
-    let before = node.clone();
-    node.jobs.push(ledger::Job {
+    let record = ledger::Job {
         id: job.id,
         uid: job.uid,
         reason: reason.to_string(),
@@ -133,7 +131,7 @@ pub fn start(config: &Config, job: &Job) -> Result<Started, Error> {
             .map(|d| d.as_secs())
             .unwrap_or_default(),
         cgroup: None,
-    });
+    };
     // By cgroup, the set changes when the first task joins the job's cgroup; a node without
     // the policy fails here all the same, where a failure drains the node.
     if config.select.by != By::Uid {
@@ -141,14 +139,13 @@ pub fn start(config: &Config, job: &Job) -> Result<Started, Error> {
         if nft.read(netfilter::Family::Inet, node::TABLE)?.is_none() {
             return Err(Error::NotApplied);
         }
-        ledger.write(&mut node)?;
+        ledger.record(&job.node, &record)?;
         return Ok(Started::Selected(reason));
     }
-    ledger.write(&mut node)?;
+    ledger.record(&job.node, &record)?;
     if let Err(e) = change_set(config, SetChange::Add(Member::Uid(job.uid))) {
         // Undo the record, so that the ledger never promises what the set does not hold.
-        let mut before = before;
-        ledger.write(&mut before)?;
+        ledger.forget(&job.node, job.id)?;
         return Err(e);
     }
     Ok(Started::Selected(reason))
@@ -159,16 +156,13 @@ pub fn start(config: &Config, job: &Job) -> Result<Started, Error> {
 /// and the cgroup is removed if slurm-egress made it.
 pub fn end(config: &Config, id: u32, node_name: &str) -> Result<Ended, Error> {
     let ledger = Ledger::lock(&config.jobs.state_dir)?;
-    let mut node = ledger.read(node_name)?;
-    let Some(at) = node.jobs.iter().position(|j| j.id == id) else {
+    let Some(job) = ledger.forget(node_name, id)? else {
         return Ok(Ended::NotTracked);
     };
-    let job = node.jobs.remove(at);
-    ledger.write(&mut node)?;
     let mut moved = 0;
     let released = match (&config.select.by, &job.cgroup) {
         (By::Uid, _) => {
-            let released = !ledger.runs_here(job.uid, &node)?;
+            let released = !ledger.runs_here(job.uid)?;
             if released {
                 change_set(config, SetChange::Remove(Member::Uid(job.uid)))?;
             }
@@ -181,14 +175,10 @@ pub fn end(config: &Config, id: u32, node_name: &str) -> Result<Ended, Error> {
             // this namespace keeps its set member, one anywhere keeps the cgroup itself.
             let here = ledger::current_netns()?;
             let holders: Vec<String> = ledger
-                .all()?
+                .find(id)?
                 .into_iter()
-                .filter(|n| {
-                    n.jobs
-                        .iter()
-                        .any(|j| j.cgroup.as_ref().is_some_and(|o| o.id == c.id))
-                })
-                .map(|n| n.netns)
+                .filter(|r| r.job.cgroup.as_ref().is_some_and(|o| o.id == c.id))
+                .map(|r| r.netns)
                 .collect();
             if !holders.contains(&here) {
                 change_set(config, SetChange::Remove(Member::Cgroup(c.id)))?;
@@ -215,32 +205,25 @@ pub fn attach(config: &Config, job_id: u32) -> Result<Attached, Error> {
     };
     let ledger = Ledger::lock(&config.jobs.state_dir)?;
     let here = ledger::current_netns()?;
-    let mut nodes: Vec<ledger::Node> = ledger
-        .all()?
-        .into_iter()
-        .filter(|n| n.netns == here && n.jobs.iter().any(|j| j.id == job_id))
-        .collect();
-    if nodes.is_empty() {
+    let mut records = ledger.find(job_id)?;
+    records.retain(|r| r.netns == here);
+    if records.is_empty() {
         return Ok(Attached::NotSelected);
     }
     let cgroup = Hierarchy::find()?.join(job_id, parent)?;
-    let recorded = |n: &ledger::Node| {
-        n.jobs
-            .iter()
-            .any(|j| j.id == job_id && j.cgroup.as_ref() == Some(&cgroup))
-    };
-    if nodes.iter().all(recorded) {
+    if records
+        .iter()
+        .all(|r| r.job.cgroup.as_ref() == Some(&cgroup))
+    {
         return Ok(Attached::Joined {
             cgroup,
             first: false,
         });
     }
-    let before = nodes.clone();
-    for node in &mut nodes {
-        for job in node.jobs.iter_mut().filter(|j| j.id == job_id) {
-            job.cgroup = Some(cgroup.clone());
-        }
-        ledger.write(node)?;
+    for r in &records {
+        let mut job = r.job.clone();
+        job.cgroup = Some(cgroup.clone());
+        ledger.record(&r.node, &job)?;
     }
     let added = if ledger.add_level(cgroup.level)? {
         // A level the table has no rule for yet (Slurm's layout, first seen): the table
@@ -253,8 +236,8 @@ pub fn attach(config: &Config, job_id: u32) -> Result<Attached, Error> {
     };
     if let Err(e) = added {
         // As at job start: the ledger never promises what the set does not hold.
-        for mut node in before {
-            ledger.write(&mut node)?;
+        for r in &records {
+            ledger.record(&r.node, &r.job)?;
         }
         return Err(e);
     }
