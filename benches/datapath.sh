@@ -266,7 +266,10 @@ jobs_variant() {
 # the seed's `ip rule` alone, nothing marked (every route lookup walks the rules); conntrack
 # alone (slurm-egress's `ct state new` turns it on in the namespace); every TCP packet marked
 # in a filter chain (no re-route) and in a route chain (the kernel routes each packet whose
-# mark changed again, as fwmark policy routing needs, here to the same place).
+# mark changed again, as fwmark policy routing needs, here to the same place). Then the
+# mechanism itself, without any set or owner match: the main default to the closed gateway
+# and every TCP packet marked in a route chain, re-routed to the router (the seed's design);
+# and the same decided once per connection through conntrack (slurm-egress's design).
 rule_only() {
     ip -n "$W" route add default via "$VIP"
     seed_routing
@@ -277,6 +280,14 @@ anatomy_nft() {
     in_ns "$W" nft "add table inet se_bench
         add chain inet se_bench output { type $1 hook output priority -150; }
         add rule inet se_bench output $2"
+}
+
+mechanism() {
+    ip -n "$W" route add default via "$CLOSED_GW"
+    seed_routing
+    in_ns "$W" nft "add table inet se_bench
+        add chain inet se_bench output { type route hook output priority -150; }
+        $(for rule in "$@"; do echo "add rule inet se_bench output $rule"; done)"
 }
 
 # One point in namespace $1, as the selected user: prints "GBPS P50_US P99_US".
@@ -298,7 +309,7 @@ variant() {
     shift 2
     worker
     "$@"
-    # The anatomy rows (N "-") route everyone via the router; the rest must not.
+    # The anatomy rows (N "-") let everyone out; the rest must not.
     if [[ $n != - ]] && ! as_user "$W" "$USER_OTHER" "$PYTHON" "$NETBENCH" blocked \
         "$INTERNET" "$CONNECT_PORT"; then
         die "$name N=$n: an unselected user got out: the default path is not closed"
@@ -326,6 +337,9 @@ variant rule-only - rule_only
 variant conntrack-only - anatomy_nft route "ct state new counter"
 variant mark-filter - anatomy_nft filter "meta l4proto tcp meta mark set 1"
 variant mark-route - anatomy_nft route "meta l4proto tcp meta mark set 1"
+variant reroute-closed - mechanism "meta l4proto tcp meta mark set 1"
+variant ct-reroute-closed - mechanism "meta l4proto tcp ct state new ct mark set 1" \
+    "ct mark 1 meta mark set 1"
 for n in "${SIZES_IPT[@]}"; do
     variant iptables-nft "$n" iptables_variant nft "$n"
     variant iptables-legacy "$n" iptables_variant legacy "$n"

@@ -83,6 +83,8 @@ LABELS = {
     "conntrack-only": "(conntrack alone, no marks)",
     "mark-filter": "(mark every packet, no re-route)",
     "mark-route": "(mark every packet, re-route it)",
+    "reroute-closed": "(seed's mechanism, no owner match)",
+    "ct-reroute-closed": "(slurm-egress's mechanism, no sets)",
     "iptables-nft": "seed owner rules, iptables-nft",
     "iptables-legacy": "seed owner rules, iptables-legacy",
     "slurm-egress-users": "slurm-egress, N selected users",
