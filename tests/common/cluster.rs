@@ -15,7 +15,9 @@ fn script(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// The plugin cargo built next to the binary under test.
+/// The plugin cargo built next to the binary under test: the newer of the one `cargo build`
+/// leaves and the one `cargo test` rebuilds under `deps/` (without copying it up), so that a
+/// plain `cargo test` never loads a stale plugin into slurmd.
 pub fn plugin() -> PathBuf {
     let bin = Path::new(super::BIN);
     let dir = bin.parent().unwrap();
@@ -24,7 +26,9 @@ pub fn plugin() -> PathBuf {
         dir.join("deps/libslurm_egress.so"),
     ]
     .into_iter()
-    .find(|p| p.exists())
+    .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
+    .max()
+    .map(|(_, p)| p)
     .unwrap_or_else(|| {
         panic!(
             "no libslurm_egress.so next to {}: run `cargo build` first",
