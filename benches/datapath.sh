@@ -14,7 +14,8 @@
 # connect is checked to fail). Points alternate base, w, base, ..., base, and each of w's is
 # divided by the mean of the base points on either side: drift and the other load of a
 # shared machine cancel out; the table reports medians. GSO/TSO and every other offload stay
-# at the kernel's defaults.
+# at the kernel's defaults. A last, smaller table measures what a mark on the socket from its
+# creation would give, with a bulk sender that sets SO_MARK (iperf3 cannot).
 #
 # Root. Namespaces are named se-bench-*; nothing changes in the machine's own namespace, and
 # everything is removed on exit, also on failure. Environment: PAIRS (6 points per variant),
@@ -32,7 +33,7 @@ read -ra SIZES_SE <<<"${SIZES_SE:-1 100 1000 10000}"
 P=se-bench-
 FAB=${P}fab GW=${P}gw NAT=${P}nat INET=${P}inet BASE=${P}base W=${P}w
 VIP=10.20.3.227 CLOSED_GW=10.20.0.1 INTERNET=203.0.113.10
-IPERF_PORT=5201 CONNECT_PORT=8090
+IPERF_PORT=5201 CONNECT_PORT=8090 SINK_PORT=8091
 # The matching user is the seed's aliprod (created like tests/common/mod.rs does), the
 # others are uids that exist nowhere; se-other checks that the default path is closed.
 USER_SEL=aliprod USER_OTHER=se-other
@@ -157,6 +158,9 @@ topology() {
     PIDS+=($!)
     ip netns exec "$INET" "$PYTHON" "$NETBENCH" serve "$INTERNET" "$CONNECT_PORT" \
         >"$SCRATCH/serve.log" 2>&1 &
+    PIDS+=($!)
+    ip netns exec "$INET" "$PYTHON" "$NETBENCH" sink "$INTERNET" "$SINK_PORT" \
+        >"$SCRATCH/sink.log" 2>&1 &
     PIDS+=($!)
     # `ip netns exec` mounts /etc/netns/<ns>/iproute2 over /etc/iproute2: the table name
     # that `slurm-egress apply` registers stays in this copy.
@@ -349,9 +353,45 @@ for n in "${SIZES_SE[@]}"; do
     variant slurm-egress-jobs "$n" jobs_variant "$n"
 done
 
+# What marking the socket when it is created would give (a cgroup BPF program could; see
+# benches/README.md): the route is right at the first lookup, so nothing is routed twice.
+# iperf3 cannot set SO_MARK, so both sides of these ratios are a Python bulk sender's, run as
+# root (SO_MARK needs CAP_NET_ADMIN): with the mark and the seed's routing behind the closed
+# default, then also with slurm-egress's conntrack rules (which then change no mark).
+bulk() {
+    ip netns exec "$1" "$PYTHON" "$NETBENCH" send "$INTERNET" "$SINK_PORT" \
+        "$SECONDS_PER_POINT" "$2" || die "the bulk sender failed in $1"
+}
+
+bulk_variant() {
+    local name=$1 start=$SECONDS before now after i
+    shift
+    worker
+    ip -n "$W" route add default via "$CLOSED_GW"
+    seed_routing
+    if (($#)); then
+        in_ns "$W" nft "add table inet se_bench
+            add chain inet se_bench output { type route hook output priority -150; }
+            $(for rule in "$@"; do echo "add rule inet se_bench output $rule"; done)"
+    fi
+    before=$(bulk "$BASE" 0)
+    for ((i = 0; i < PAIRS; i++)); do
+        now=$(bulk "$W" 1)
+        after=$(bulk "$BASE" 0)
+        echo "$name $now $before $after" >>"$SCRATCH/bulk"
+        before=$after
+    done
+    printf '  %-20s        %3d s\n' "$name" $((SECONDS - start)) >&2
+}
+bulk_variant sockmark
+bulk_variant sockmark-ct "meta l4proto tcp ct state new ct mark set 1" "ct mark 1 meta mark set 1"
+
 echo
 echo "data path: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs)," \
     "kernel $(uname -r), $(date -u '+%Y-%m-%d %H:%M UTC'); iperf3 ${SECONDS_PER_POINT} s and" \
     "$CONNECTS connects per point, $PAIRS points per variant; offloads at defaults"
 echo
 "$PYTHON" "$NETBENCH" table "$RESULTS"
+echo
+echo "marking the socket at creation (SO_MARK before connect; bulk sender against itself):"
+"$PYTHON" "$NETBENCH" ratios "$SCRATCH/bulk"

@@ -6,6 +6,10 @@
     netbench.py blocked HOST PORT          exit 0 if a connect fails or gets no answer in 1 s
     netbench.py gbps                       iperf3 -J output on stdin; prints Gbit/s received
     netbench.py table RESULTS              datapath.sh's results as a table of ratios
+    netbench.py sink ADDR PORT             count what each client sends, answer the count
+    netbench.py send HOST PORT SECS MARK   send for SECS with SO_MARK MARK (0: none, no
+                                           root needed); prints Gbit/s the sink counted
+    netbench.py ratios RESULTS             "NAME GBPS BEFORE AFTER" lines as ratios
 
 The client times connect() alone, SYN to SYN-ACK, the part of a connection's setup that
 marking rules can slow down (the first packet is where slurm-egress decides). Every wait is
@@ -71,6 +75,53 @@ def blocked(host, port):
     return 1
 
 
+def sink(addr, port):
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((addr, port))
+    srv.listen(16)
+    buf = bytearray(1 << 20)
+    while True:
+        conn, _ = srv.accept()
+        conn.settimeout(10)
+        got = 0
+        try:
+            while n := conn.recv_into(buf):
+                got += n
+            conn.sendall(str(got).encode())
+        except OSError:
+            pass
+        conn.close()
+
+
+def send(host, port, secs, mark):
+    """Bulk TCP in 1 MiB writes, like iperf3 but with the socket's mark set before connect(),
+    as a cgroup BPF program would set it at socket creation."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if mark:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+    s.settimeout(10)
+    s.connect((host, port))
+    data = b"x" * (1 << 20)
+    start = time.perf_counter()
+    while time.perf_counter() - start < secs:
+        s.sendall(data)
+    s.shutdown(socket.SHUT_WR)
+    got = int(s.recv(64))
+    print(f"{got * 8 / (time.perf_counter() - start) / 1e9:.3f}")
+
+
+def ratios(path):
+    runs = {}
+    for line in open(path):
+        name, *f = line.split()
+        gbps, before, after = map(float, f)
+        runs.setdefault(name, []).append(gbps / ((before + after) / 2))
+    for name, thr in runs.items():
+        print(f"{LABELS.get(name, name):<44} {statistics.median(thr):>7.2f} "
+              f"{f'({min(thr):.2f}-{max(thr):.2f})':>11}")
+
+
 def gbps():
     report = json.load(sys.stdin)
     if "error" in report:
@@ -85,6 +136,8 @@ LABELS = {
     "mark-route": "(mark every packet, re-route it)",
     "reroute-closed": "(seed's mechanism, no owner match)",
     "ct-reroute-closed": "(slurm-egress's mechanism, no sets)",
+    "sockmark": "socket marked at creation, no netfilter",
+    "sockmark-ct": "socket marked at creation, with the ct rules",
     "iptables-nft": "seed owner rules, iptables-nft",
     "iptables-legacy": "seed owner rules, iptables-legacy",
     "slurm-egress-users": "slurm-egress, N selected users",
@@ -130,6 +183,12 @@ def main():
         gbps()
     elif cmd == "table":
         table(args[0])
+    elif cmd == "sink":
+        sink(args[0], int(args[1]))
+    elif cmd == "send":
+        send(args[0], int(args[1]), float(args[2]), int(args[3]))
+    elif cmd == "ratios":
+        ratios(args[0])
     else:
         sys.exit(f"netbench.py: unknown command {cmd}")
 
