@@ -286,12 +286,16 @@ anatomy_nft() {
         add rule inet se_bench output $2"
 }
 
+# (With no rules, no nftables table at all.)
+CT_MARKING=("meta l4proto tcp ct state new ct mark set 1" "ct mark 1 meta mark set 1")
 mechanism() {
     ip -n "$W" route add default via "$CLOSED_GW"
     seed_routing
-    in_ns "$W" nft "add table inet se_bench
-        add chain inet se_bench output { type route hook output priority -150; }
-        $(for rule in "$@"; do echo "add rule inet se_bench output $rule"; done)"
+    if (($#)); then
+        in_ns "$W" nft "add table inet se_bench
+            add chain inet se_bench output { type route hook output priority -150; }
+            $(for rule in "$@"; do echo "add rule inet se_bench output $rule"; done)"
+    fi
 }
 
 # One point in namespace $1, as the selected user: prints "GBPS P50_US P99_US".
@@ -342,8 +346,7 @@ variant conntrack-only - anatomy_nft route "ct state new counter"
 variant mark-filter - anatomy_nft filter "meta l4proto tcp meta mark set 1"
 variant mark-route - anatomy_nft route "meta l4proto tcp meta mark set 1"
 variant reroute-closed - mechanism "meta l4proto tcp meta mark set 1"
-variant ct-reroute-closed - mechanism "meta l4proto tcp ct state new ct mark set 1" \
-    "ct mark 1 meta mark set 1"
+variant ct-reroute-closed - mechanism "${CT_MARKING[@]}"
 for n in "${SIZES_IPT[@]}"; do
     variant iptables-nft "$n" iptables_variant nft "$n"
     variant iptables-legacy "$n" iptables_variant legacy "$n"
@@ -367,13 +370,7 @@ bulk_variant() {
     local name=$1 start=$SECONDS before now after i
     shift
     worker
-    ip -n "$W" route add default via "$CLOSED_GW"
-    seed_routing
-    if (($#)); then
-        in_ns "$W" nft "add table inet se_bench
-            add chain inet se_bench output { type route hook output priority -150; }
-            $(for rule in "$@"; do echo "add rule inet se_bench output $rule"; done)"
-    fi
+    mechanism "$@"
     before=$(bulk "$BASE" 0)
     for ((i = 0; i < PAIRS; i++)); do
         now=$(bulk "$W" 1)
@@ -384,7 +381,7 @@ bulk_variant() {
     printf '  %-20s        %3d s\n' "$name" $((SECONDS - start)) >&2
 }
 bulk_variant sockmark
-bulk_variant sockmark-ct "meta l4proto tcp ct state new ct mark set 1" "ct mark 1 meta mark set 1"
+bulk_variant sockmark-ct "${CT_MARKING[@]}"
 
 echo
 echo "data path: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs)," \
