@@ -42,6 +42,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::cgroup::JobCgroup;
@@ -196,11 +197,8 @@ impl Ledger {
     /// earlier boot is removed).
     fn meta(&self, node: &str) -> Result<Option<Meta>, Error> {
         let dir = self.node_dir(node)?;
-        let path = dir.join("node.json");
-        let meta: Meta = match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| corrupt(&path, e))?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e).at(&path),
+        let Some(meta) = read_json::<Meta>(&dir.join("node.json"))? else {
+            return Ok(None);
         };
         if meta.boot != self.boot {
             fs::remove_dir_all(&dir).at(&dir)?;
@@ -211,17 +209,15 @@ impl Ledger {
 
     /// The job `id` on `node`, if it is recorded.
     pub fn job(&self, node: &str, id: u32) -> Result<Option<Job>, Error> {
-        if self.meta(node)?.is_none() {
-            return Ok(None);
+        match self.meta(node)? {
+            Some(_) => self.job_file(node, id),
+            None => Ok(None),
         }
-        let path = self.node_dir(node)?.join(format!("jobs/{id}.json"));
-        match fs::read(&path) {
-            Ok(bytes) => Ok(Some(
-                serde_json::from_slice(&bytes).map_err(|e| corrupt(&path, e))?,
-            )),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).at(&path),
-        }
+    }
+
+    /// The job's file, for a node whose `node.json` was just read.
+    fn job_file(&self, node: &str, id: u32) -> Result<Option<Job>, Error> {
+        read_json(&self.node_dir(node)?.join(format!("jobs/{id}.json")))
     }
 
     /// Records `job` on `node`, or replaces its record (its owner never changes), noting
@@ -268,14 +264,19 @@ impl Ledger {
 
     /// The ledger of `node`; empty if it has none this boot.
     pub fn read(&self, node: &str) -> Result<Node, Error> {
-        let Some(meta) = self.meta(node)? else {
-            return Ok(Node {
+        match self.meta(node)? {
+            Some(meta) => self.jobs_of(meta),
+            None => Ok(Node {
                 node: node.to_owned(),
                 netns: self.here.clone(),
                 jobs: Vec::new(),
-            });
-        };
-        let dir = self.node_dir(node)?.join("jobs");
+            }),
+        }
+    }
+
+    /// The jobs of a node whose `node.json` was just read.
+    fn jobs_of(&self, meta: Meta) -> Result<Node, Error> {
+        let dir = self.node_dir(&meta.node)?.join("jobs");
         let mut jobs = Vec::new();
         let entries = match fs::read_dir(&dir) {
             Ok(entries) => entries,
@@ -292,11 +293,10 @@ impl Ledger {
         for entry in entries {
             let path = entry.at(&dir)?.path();
             if path.extension().is_some_and(|x| x == "json") {
-                let bytes = fs::read(&path).at(&path)?;
-                jobs.push(serde_json::from_slice(&bytes).map_err(|e| corrupt(&path, e))?);
+                jobs.extend(read_json::<Job>(&path)?);
             }
         }
-        jobs.sort_by_key(|j: &Job| j.id);
+        jobs.sort_by_key(|j| j.id);
         Ok(Node {
             node: meta.node,
             netns: meta.netns,
@@ -325,7 +325,7 @@ impl Ledger {
     pub fn find(&self, id: u32) -> Result<Vec<Recorded>, Error> {
         let mut found = Vec::new();
         for meta in self.metas()? {
-            if let Some(job) = self.job(&meta.node, id)? {
+            if let Some(job) = self.job_file(&meta.node, id)? {
                 found.push(Recorded {
                     node: meta.node,
                     netns: meta.netns,
@@ -336,25 +336,22 @@ impl Ledger {
         Ok(found)
     }
 
-    /// The names of the nodes whose jobs were recorded in this network namespace.
-    fn nodes_here(&self) -> Result<Vec<String>, Error> {
-        Ok(self
-            .metas()?
-            .into_iter()
-            .filter(|m| m.netns == self.here)
-            .map(|m| m.node)
-            .collect())
+    /// The nodes whose jobs were recorded in this network namespace.
+    fn metas_here(&self) -> Result<Vec<Meta>, Error> {
+        let mut metas = self.metas()?;
+        metas.retain(|m| m.netns == self.here);
+        Ok(metas)
     }
 
     /// Every node's ledger, in node name order.
     pub fn all(&self) -> Result<Vec<Node>, Error> {
-        self.metas()?.iter().map(|m| self.read(&m.node)).collect()
+        self.metas()?.into_iter().map(|m| self.jobs_of(m)).collect()
     }
 
     /// Whether `uid` has a job on any node in the current network namespace.
     pub fn runs_here(&self, uid: u32) -> Result<bool, Error> {
-        for node in self.nodes_here()? {
-            let dir = self.node_dir(&node)?.join(format!("uids/{uid}"));
+        for meta in self.metas_here()? {
+            let dir = self.node_dir(&meta.node)?.join(format!("uids/{uid}"));
             match fs::read_dir(&dir) {
                 Ok(mut jobs) => {
                     if jobs.next().is_some() {
@@ -375,8 +372,8 @@ impl Ledger {
             levels: self.levels()?,
             ..Running::default()
         };
-        for node in self.nodes_here()? {
-            for job in self.read(&node)?.jobs {
+        for meta in self.metas_here()? {
+            for job in self.jobs_of(meta)?.jobs {
                 running.uids.insert(job.uid);
                 if let Some(c) = job.cgroup {
                     running.cgroups.insert(c.id);
@@ -420,8 +417,9 @@ impl Ledger {
             if !path.is_file() || path.extension().is_none_or(|x| x != "json") {
                 continue;
             }
-            let bytes = fs::read(&path).at(&path)?;
-            let legacy: Legacy = serde_json::from_slice(&bytes).map_err(|e| corrupt(&path, e))?;
+            let Some(legacy) = read_json::<Legacy>(&path)? else {
+                continue;
+            };
             if legacy.boot == self.boot {
                 for job in &legacy.jobs {
                     self.record_in(&legacy.node, job, &legacy.netns)?;
@@ -437,6 +435,17 @@ fn corrupt(path: &Path, e: serde_json::Error) -> Error {
     Error::Corrupt {
         path: path.to_owned(),
         message: e.to_string(),
+    }
+}
+
+/// Reads and parses a JSON file; `None` if there is none.
+fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, Error> {
+    match fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| corrupt(path, e)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).at(path),
     }
 }
 
@@ -570,7 +579,13 @@ mod tests {
         assert_eq!(w1.jobs, vec![job(1, 1001), job(2, 1002)]);
         assert_eq!(w1.netns, current_netns().unwrap());
         assert_eq!(ledger.job("w2", 3).unwrap(), Some(job(3, 1003)));
-        assert_eq!(ledger.nodes_here().unwrap(), ["w1", "w2"]);
+        let here: Vec<String> = ledger
+            .metas_here()
+            .unwrap()
+            .into_iter()
+            .map(|m| m.node)
+            .collect();
+        assert_eq!(here, ["w1", "w2"]);
         assert_eq!(
             ledger.running_here().unwrap().uids,
             BTreeSet::from([1001, 1002, 1003])
