@@ -27,11 +27,11 @@ const REPAIR_BOUND: Duration = Duration::from_secs(5);
 
 /// A TCP exchange from `w` as `user` to the internet host; the probe's one-line answer.
 /// A short timeout: in this lab a connection that works answers within milliseconds.
-fn tcp(lab: &Lab, w: &str, user: &str, port: &str) -> String {
+fn tcp(w: &str, user: &str, port: &str) -> String {
     let probe = probe_py();
     let probe = probe.to_str().unwrap();
     let args = [PYTHON, probe, "tcp", INTERNET, port, "--timeout", "0.5"];
-    lab.net.as_user(w, user, &args)
+    common::as_user(w, user, &args)
 }
 
 /// Starts `slurm-egress watch` in `w` with `args` after `watch`, logging to `log`; its PID.
@@ -136,20 +136,10 @@ fn fault(name: &'static str, user: &'static str, commands: &[&str]) -> Fault {
 /// `stop`; returns every answer. Bounded: at most 10 minutes.
 fn unselected_traffic(ns: &str, stop: &AtomicBool) -> Vec<String> {
     let probe = probe_py();
-    let gid = common::primary_gid("se-other");
+    let probe = probe.to_str().unwrap();
     let args = [
-        "ip",
-        "netns",
-        "exec",
-        ns,
-        "setpriv",
-        "--init-groups",
-        "--reuid",
-        "se-other",
-        "--regid",
-        &gid,
         PYTHON,
-        probe.to_str().unwrap(),
+        probe,
         "tcp",
         INTERNET,
         UNSELECTED_PORT,
@@ -159,8 +149,7 @@ fn unselected_traffic(ns: &str, stop: &AtomicBool) -> Vec<String> {
     let deadline = Instant::now() + Duration::from_secs(600);
     let mut answers = Vec::new();
     while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-        let out = run(&args);
-        answers.push(String::from_utf8_lossy(&out.stdout).trim().to_owned());
+        answers.push(common::as_user(ns, "se-other", &args));
     }
     answers
 }
@@ -183,7 +172,7 @@ fn watch_repairs_every_fault_and_unselected_traffic_never_gets_out() {
     lab.net.count(&gw, &unselected, "unselected");
     // A long interval: every repair below comes from a notification.
     let pid = start_watch(&mut lab, &w, &config, "watch.log", &["--interval", "300"]);
-    assert_eq!(tcp(&lab, &w, "aliprod", "8080"), NATTED);
+    assert_eq!(tcp(&w, "aliprod", "8080"), NATTED);
 
     // A running job of a user selected by account only, recorded in the ledger.
     let job_owner = uid("se-wjob").to_string();
@@ -204,7 +193,7 @@ fn watch_repairs_every_fault_and_unselected_traffic_never_gets_out() {
         ],
     );
     assert!(started.contains("egress path on"), "{started}");
-    assert_eq!(tcp(&lab, &w, "se-wjob", "8080"), NATTED);
+    assert_eq!(tcp(&w, "se-wjob", "8080"), NATTED);
 
     let aliprod = uid("aliprod");
     let users_minus_aliprod = format!("nft delete element inet slurm_egress users {{ {aliprod} }}");
@@ -281,7 +270,7 @@ fn watch_repairs_every_fault_and_unselected_traffic_never_gets_out() {
                 lab.net
                     .ok(&w, &command.split_whitespace().collect::<Vec<_>>());
             }
-            let during = tcp(&lab, &w, f.user, "8080");
+            let during = tcp(&w, f.user, "8080");
             if f.gains {
                 assert_eq!(during, NATTED, "{}: the fault has no effect", f.name);
             } else {
@@ -295,7 +284,7 @@ fn watch_repairs_every_fault_and_unselected_traffic_never_gets_out() {
             drop(frozen);
             let thawed = Instant::now();
             wait_until(&format!("repair after: {}", f.name), REPAIR_BOUND, || {
-                (tcp(&lab, &w, f.user, "8080") == NATTED) != f.gains
+                (tcp(&w, f.user, "8080") == NATTED) != f.gains
             });
             wait_until(&format!("check after: {}", f.name), REPAIR_BOUND, || {
                 in_sync(&lab, &w, &config)
@@ -311,7 +300,7 @@ fn watch_repairs_every_fault_and_unselected_traffic_never_gets_out() {
         // repair does not wait for anything (no back-off from the waiting).
         let frozen = Frozen::new(pid);
         lab.net.ok(&w, &["ip", "addr", "flush", "dev", "ib0"]);
-        let during = tcp(&lab, &w, "aliprod", "8080");
+        let during = tcp(&w, "aliprod", "8080");
         assert!(during.starts_with("error="), "no address: {during}");
         drop(frozen);
         wait_until("the watch waiting", REPAIR_BOUND, || {
@@ -324,7 +313,7 @@ fn watch_repairs_every_fault_and_unselected_traffic_never_gets_out() {
             .ok(&w, &["ip", "route", "add", "default", "via", "10.20.0.1"]);
         let back = Instant::now();
         wait_until("repair after the address came back", REPAIR_BOUND, || {
-            tcp(&lab, &w, "aliprod", "8080") == NATTED
+            tcp(&w, "aliprod", "8080") == NATTED
         });
         println!(
             "lost address: repaired {:?} after it came back",
@@ -478,8 +467,8 @@ fn watch_backs_off_while_the_kernel_refuses_and_repairs_when_it_stops() {
         "{attempts} attempts:\n{}",
         log_text(&lab, "watch.log")
     );
-    assert!(tcp(&lab, &w, "aliprod", "8080").starts_with("error="));
-    assert!(tcp(&lab, &w, "se-other", "8080").starts_with("error="));
+    assert!(tcp(&w, "aliprod", "8080").starts_with("error="));
+    assert!(tcp(&w, "se-other", "8080").starts_with("error="));
 
     // The owner goes; the next retry repairs (at most the last back-off later, 3.2 s).
     drop(owner);
@@ -493,7 +482,7 @@ fn watch_backs_off_while_the_kernel_refuses_and_repairs_when_it_stops() {
         "repaired {:?} after the refusing owner left",
         gone.elapsed()
     );
-    assert_eq!(tcp(&lab, &w, "aliprod", "8080"), NATTED);
+    assert_eq!(tcp(&w, "aliprod", "8080"), NATTED);
     let text = log_text(&lab, "watch.log");
     assert!(
         text.contains("the kernel refused to add the table (another process owns the table: nftables `flags owner`)"),
@@ -527,13 +516,13 @@ fn watch_follows_group_membership_within_its_interval() {
         &format!("users = [\"aliprod\"]\ngroups = [\"{group}\"]"),
     );
     start_watch(&mut lab, &w, &config, "watch.log", &["--interval", "1"]);
-    assert!(tcp(&lab, &w, user, "8080").starts_with("error="));
+    assert!(tcp(&w, user, "8080").starts_with("error="));
 
     // The directory changes; no notification says so, the interval finds it.
     admin(&["gpasswd", "-a", user, group]);
     let joined = Instant::now();
     wait_until("the new member's path", REPAIR_BOUND, || {
-        tcp(&lab, &w, user, "8080") == NATTED
+        tcp(&w, user, "8080") == NATTED
     });
     println!(
         "a new group member got out {:?} after joining",
@@ -543,7 +532,7 @@ fn watch_follows_group_membership_within_its_interval() {
     admin(&["gpasswd", "-d", user, group]);
     let left = Instant::now();
     wait_until("the old member's path gone", REPAIR_BOUND, || {
-        tcp(&lab, &w, user, "8080").starts_with("error=")
+        tcp(&w, user, "8080").starts_with("error=")
     });
     println!(
         "a former member lost the path {:?} after leaving",

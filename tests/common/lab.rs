@@ -221,7 +221,7 @@ accounts = ["alice"]"#,
     /// A TCP exchange from worker `w` as `user` to `host`; the probe's one-line answer.
     pub fn tcp(&self, w: &str, user: &str, host: &str, mode: &str) -> String {
         let probe = probe_py();
-        self.net.as_user(
+        super::as_user(
             w,
             user,
             &[
@@ -240,7 +240,7 @@ accounts = ["alice"]"#,
 
     pub fn udp(&self, w: &str, user: &str, host: &str) -> String {
         let probe = probe_py();
-        self.net.as_user(
+        super::as_user(
             w,
             user,
             &[

@@ -226,26 +226,6 @@ impl Net {
         pid
     }
 
-    /// Runs `args` in `ns` as `user` (with that user's groups), like a job would.
-    pub fn as_user(&self, ns: &str, user: &str, args: &[&str]) -> String {
-        let mut all = vec![
-            "ip",
-            "netns",
-            "exec",
-            ns,
-            "setpriv",
-            "--init-groups",
-            "--reuid",
-            user,
-            "--regid",
-        ];
-        let gid = primary_gid(user);
-        all.push(&gid);
-        all.extend_from_slice(args);
-        let out = run(&all);
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    }
-
     /// Adds a counting rule (`nft` syntax after the rule's table/chain) to the counting
     /// chain of `ns`, named by `comment`.
     pub fn count(&self, ns: &str, matches: &str, comment: &str) {
@@ -316,6 +296,26 @@ impl Drop for Net {
             let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(ns));
         }
     }
+}
+
+/// Runs `args` in `ns` as `user` (with that user's groups), like a job would; its stdout.
+pub fn as_user(ns: &str, user: &str, args: &[&str]) -> String {
+    let gid = primary_gid(user);
+    let mut all = vec![
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        "setpriv",
+        "--init-groups",
+        "--reuid",
+        user,
+        "--regid",
+        &gid,
+    ];
+    all.extend_from_slice(args);
+    let out = run(&all);
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 pub fn primary_gid(user: &str) -> String {
