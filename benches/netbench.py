@@ -23,11 +23,16 @@ import sys
 import time
 
 
-def serve(addr, port):
+def listener(addr, port, backlog):
     srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.bind((addr, port))
-    srv.listen(4096)
+    srv.listen(backlog)
+    return srv
+
+
+def serve(addr, port):
+    srv = listener(addr, port, 4096)
     while True:
         conn, _ = srv.accept()
         # The client resets the connection; waiting for that leaves no TIME_WAIT here.
@@ -76,10 +81,7 @@ def blocked(host, port):
 
 
 def sink(addr, port):
-    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind((addr, port))
-    srv.listen(16)
+    srv = listener(addr, port, 16)
     buf = bytearray(1 << 20)
     while True:
         conn, _ = srv.accept()
